@@ -1,0 +1,357 @@
+"""Typed configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Every knob a user can set lives in one of the dataclasses below. ``load_config`` reads a YAML
+file, applies ``--set a.b=c`` overrides and returns a validated ``RunConfig``. Unknown keys are
+errors that name the key and suggest the closest valid one, because a silently ignored typo in a
+training config costs a TPU-day.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """A Llama-family decoder, with Hugging Face field names so ``config.json`` maps 1:1."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None      # None: same as num_attention_heads (MHA)
+    head_dim: Optional[int] = None                 # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None            # {"rope_type": "llama3"|"linear", ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Any = 2                          # int or list of ints (Llama 3 instruct)
+    pad_token_id: Optional[int] = None
+    # --- runtime policy (not part of HF config.json) ---
+    param_dtype: str = "float32"                   # dtype of trainable (master) weights
+    frozen_dtype: str = "float32"                  # dtype of frozen weights (bf16 for training)
+    compute_dtype: str = "float32"                 # activations / matmul inputs
+    remat: str = "none"                            # none | full | save_dots | save_dots_no_batch
+    attention_impl: str = "xla"                    # xla (masked softmax) | cudnn (fused, GPU)
+    scan_layers: bool = True
+    loss_chunk: int = 0                            # sequence positions per LM-head + CE chunk (0: all at once);
+                                                   # chunking keeps [B, S, V] float32 logits out of memory
+    # --- which layers train (full / partial tuning); Control LLM uses `expansion` instead ---
+    trainable_layers: Optional[list] = None        # block indices; None = none (frozen base)
+    train_embeddings: bool = False                 # full tuning: embeddings, final norm, LM head
+    expansion: Optional["ExpansionConfig"] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _check(self.hidden_act == "silu", "model.hidden_act",
+               f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_key_value_heads",
+               f"{self.num_attention_heads} attention heads are not a multiple of "
+               f"{self.num_key_value_heads} key/value heads")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        _check(rope_type in ("default", "llama3", "linear"), "model.rope_scaling",
+               f"rope_type {rope_type!r} is not supported; supported: default, llama3, linear")
+        for name in ("param_dtype", "frozen_dtype", "compute_dtype"):
+            _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"model.{name}",
+                   f"{getattr(self, name)!r} is not one of float32, bfloat16, float16")
+        _check(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "model.remat",
+               f"{self.remat!r} is not one of none, full, save_dots, save_dots_no_batch")
+        _check(self.attention_impl in ("xla", "cudnn"), "model.attention_impl",
+               f"{self.attention_impl!r} is not one of xla, cudnn")
+        if self.expansion is not None:
+            self.expansion.validate(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Control LLM expansion (spec: shared/spec/controlllm.md)
+# --------------------------------------------------------------------------------------------
+
+EXPAND_TYPES = ("concat", "stack", "hybrid")
+MERGE_METHODS = ("lerp", "dlerp", "dlerpin", "slerp", "moe", "proj", "prog")
+LOSS_TYPES = ("mse", "cosine")
+
+
+@dataclass
+class ExpansionConfig:
+    """How a plain Llama is expanded. Field names follow the release's ``expansion`` dict."""
+    expand_type: str = "concat"
+    num_exp_layers: int = 8
+    layers: Optional[list] = None                  # explicit original-layer indices (overrides the rule)
+    merge_method: str = "dlerp"
+    interpolation_factor: float = 0.0
+    interpolation_loss_alpha: float = 1.0          # λ; 0 disables; -1 weights tokens by the gate
+    interpolation_loss_type: str = "mse"
+    interpolation_norm_alpha: float = 0.0          # relaxed norm in expanded layers: 0, (0,1], or -1
+    freeze_interpolation_factor: bool = True
+    freeze_ori_layers: bool = True
+    freeze_ori_non_layers: bool = True
+    divergence_mask: str = "tokens"                # tokens: non-padding only | reference: all tokens
+    num_ori_layers: Optional[int] = None           # filled in by expand()
+
+    def validate(self, model: Optional[ModelConfig] = None) -> None:
+        _check(self.expand_type in EXPAND_TYPES, "expansion.expand_type",
+               f"{self.expand_type!r} is not one of {', '.join(EXPAND_TYPES)}")
+        _check(self.merge_method in MERGE_METHODS, "expansion.merge_method",
+               f"{self.merge_method!r} is not one of {', '.join(MERGE_METHODS)}")
+        _check(self.interpolation_loss_type in LOSS_TYPES, "expansion.interpolation_loss_type",
+               f"{self.interpolation_loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        _check(self.divergence_mask in ("tokens", "reference"), "expansion.divergence_mask",
+               f"{self.divergence_mask!r} is not one of tokens, reference")
+        a = self.interpolation_norm_alpha
+        _check(a == -1 or 0 <= a <= 1, "expansion.interpolation_norm_alpha",
+               f"must be 0 (plain RMSNorm), in (0, 1] (fixed mix) or -1 (learnable), got {a}")
+        _check(self.num_exp_layers >= 1, "expansion.num_exp_layers",
+               f"must be at least 1, got {self.num_exp_layers}")
+        if model is not None:
+            from jax_controlllm.model.control import selected_layers  # local: avoid import cycle
+            selected_layers(self, self.num_ori_layers or model.num_hidden_layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Training, data, mesh, checkpoints
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    mode: str = "controlllm"                       # controlllm | full | partial
+    steps: int = 100
+    batch_size: int = 8                            # global batch (sequences per optimizer step)
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 5e-5
+    min_lr: float = 1e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.01
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0                            # 0: no periodic eval
+    eval_batches: int = 4
+    save_every: int = 0                            # 0: only at the end (and on SIGTERM)
+    keep_last: int = 3
+    keep_every: int = 0                            # additionally keep every K-th step (0: off)
+    async_checkpoint: bool = True
+    skip_nonfinite_steps: int = 0
+    inject_nan_at_step: int = -1                   # testing aid: poison the loss at this step
+    trainable_layers: Optional[list] = None        # partial mode: original layer indices
+
+
+@dataclass
+class MeshConfig:
+    shape: str = "1"                               # "4x8", "2x2x8", "-1x8"
+    axes: Optional[list] = None                    # names, default by rank (see sharding.py)
+    rules: Optional[dict] = None                   # logical axis -> mesh axis / list / null
+
+
+@dataclass
+class BaseModelConfig:
+    """Where the starting weights come from: HF directory, GGUF file, Orbax checkpoint or fresh init."""
+    path: Optional[str] = None                     # None: fresh random init from `model`
+    format: str = "auto"                           # auto | hf | gguf | orbax | smollm2
+    allow_pickle: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    expansion: Optional[ExpansionConfig] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: dict = field(default_factory=dict)       # parsed by jax_controlllm.data.DataConfig
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    eval: dict = field(default_factory=dict)
+    out_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.expansion is not None:
+            self.expansion.validate(self.model)
+        _check(self.train.mode in ("controlllm", "full", "partial"), "train.mode",
+               f"{self.train.mode!r} is not one of controlllm, full, partial")
+        _check(self.train.batch_size % self.train.grad_accum == 0, "train.grad_accum",
+               f"batch_size {self.train.batch_size} is not divisible by grad_accum {self.train.grad_accum}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: dicts / YAML -> dataclasses, with dotted overrides
+# --------------------------------------------------------------------------------------------
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value, tp, where: str):
+    """Coerce a YAML/CLI value to the annotated field type, or raise a ConfigError naming the field."""
+    tp = _unwrap_optional(tp)
+    if value is None or tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not isinstance(number, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if tp is int:
+            if float(number) != int(number):
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    if tp in (list, dict) or origin in (list, dict):
+        want = origin or tp
+        if want is list and isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, want):
+            raise ConfigError(f"{where}: expected a {want.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> RunConfig:
+    """YAML file (or dict) + dotted overrides -> validated RunConfig."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    raw = json.loads(json.dumps(raw))  # deep copy, plain types
+    apply_overrides(raw, overrides or [])
+    config = from_dict(RunConfig, raw)
+    config.validate()
+    return config
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Plain Llama fields of a Hugging Face ``config.json`` (unknown HF keys are ignored here)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"expansion"}
+    kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+    kwargs.pop("trainable_layers", None)
+    return ModelConfig(**kwargs)
+
+
+HF_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                 "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias",
+                 "mlp_bias", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def model_config_to_hf(config: ModelConfig) -> dict:
+    hf = {k: getattr(config, k) for k in HF_LLAMA_KEYS}
+    hf.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_dropout=0.0,
+              initializer_range=0.02, pretraining_tp=1, use_cache=True, torch_dtype="float32")
+    return hf

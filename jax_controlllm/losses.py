@@ -1,0 +1,80 @@
+"""Training loss: masked next-token cross-entropy + Control LLM divergence (spec §4).
+
+    total = CE + mean over controlled layers of (mean over tokens of lambda * d)
+
+CE convention (Hugging Face label shift): logits at position t are scored against labels[t + 1]; the last
+position has no target; label -100 is skipped; in packed rows a target in another document (segment) than
+position t is skipped too, so the model is never trained to guess the next document's first token.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.llama import final_hidden, head_kernel
+
+IGNORE = -100
+
+
+def next_token_targets(labels: jax.Array, segment_ids=None):
+    """(targets [B, S-1] with ignored entries set to 0, valid mask [B, S-1] float32)."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    if segment_ids is not None:
+        valid = valid & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return jnp.where(valid, targets, 0), valid.astype(jnp.float32)
+
+
+def _chunk_nll(h_chunk, kernel, targets, valid):
+    logits = jnp.einsum("bsh,hv->bsv", h_chunk, kernel, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - target_logit) * valid)
+
+
+def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, segment_ids=None):
+    """(sum of token NLLs, number of scored tokens). The LM head runs in sequence chunks of
+    ``config.loss_chunk`` positions under remat, so full-vocabulary logits never sit in memory whole."""
+    targets, valid = next_token_targets(labels, segment_ids)
+    h = h[:, :-1]
+    kernel = head_kernel(config, params).astype(h.dtype)
+    chunk = config.loss_chunk
+    s = h.shape[1]
+    if not chunk or chunk >= s:
+        return _chunk_nll(h, kernel, targets, valid), jnp.sum(valid)
+    pad = -s % chunk
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    b, n = h.shape[0], h.shape[1] // chunk
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    body = jax.checkpoint(lambda carry, xs: (carry + _chunk_nll(xs[0], kernel, xs[1], xs[2]), None))
+    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h), split(targets), split(valid)))
+    return total, jnp.sum(valid)
+
+
+def controlllm_loss(config: ModelConfig, params: dict, batch: dict) -> dict:
+    """CE + divergence for a batch dict with input_ids and optionally labels (default: input_ids),
+    attention_mask, segment_ids, positions. Returns ce, divergence, divergence_per_layer (by block index),
+    merge_weight_per_layer, total, and tokens (number of scored tokens)."""
+    input_ids = jnp.asarray(batch["input_ids"])
+    labels = jnp.asarray(batch.get("labels", input_ids))
+    segment_ids = batch.get("segment_ids")
+    h, aux, _ = final_hidden(config, params, input_ids, batch.get("attention_mask"), batch.get("positions"),
+                             segment_ids, return_aux=True)
+    nll, tokens = cross_entropy_sum(config, params, h, labels, segment_ids)
+    ce = nll / jnp.maximum(tokens, 1.0)
+    if aux:
+        per_layer = jnp.stack([a["divergence"] for a in aux])
+        merge_weights = jnp.stack([a["merge_weight"] for a in aux])
+        div = jnp.mean(per_layer)
+    else:
+        per_layer = merge_weights = jnp.zeros((0,), jnp.float32)
+        div = jnp.float32(0)
+    return {"ce": ce, "divergence": div, "divergence_per_layer": per_layer,
+            "merge_weight_per_layer": merge_weights, "total": ce + div, "tokens": tokens}

@@ -1,0 +1,203 @@
+"""Control LLM: controlled layers, merge methods, divergence terms and model expansion.
+
+A controlled layer runs the same input h through the frozen pretrained layer P and its trainable copy E,
+
+    p = P(h),  e = E(h),  out = merge(p, e)                      (spec §3)
+
+and reports the divergence between the branches (spec §4), which the loss adds to the cross-entropy:
+
+    d = mean_H (e - p)^2   (mse)     or   smoothL1(relu(1 - cos(p, e)))   (cosine)
+    layer loss = mean over tokens of (lambda * d),  lambda = interpolation_loss_alpha (-1: the gate w)
+
+No stop-gradient on p: the divergence also trains earlier trainable layers through h.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
+from jax_controlllm.model.layout import Block, controlled_indices, layer_plan, segment_of, selected_layers
+from jax_controlllm.model.llama import Context, decoder_layer
+from jax_controlllm.model.params import (ParamSpec, _init_leaf, _is_spec, abstract_params, merge_specs,
+                                         param_specs, spec_trainable, stack_blocks, unstack_blocks)
+
+__all__ = ["ExpansionConfig", "expand", "trainable_mask", "layer_plan", "selected_layers", "controlled_layer",
+           "controlled_indices", "merge_weight", "divergence"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge methods
+# ----------------------------------------------------------------------------------------------
+
+def _sigmoid_param(x) -> jax.Array:
+    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(())
+
+
+def slerp(p: jax.Array, e: jax.Array, t) -> jax.Array:
+    """Per-token spherical interpolation in float32, falling back to lerp where the angle is tiny."""
+    p32, e32 = p.astype(jnp.float32), e.astype(jnp.float32)
+    pn = p32 / jnp.maximum(jnp.linalg.norm(p32, axis=-1, keepdims=True), 1e-12)
+    en = e32 / jnp.maximum(jnp.linalg.norm(e32, axis=-1, keepdims=True), 1e-12)
+    cos = jnp.clip(jnp.sum(pn * en, axis=-1, keepdims=True), -1.0, 1.0)
+    theta = jnp.arccos(cos)
+    sin = jnp.maximum(jnp.sqrt(1.0 - cos * cos + 1e-8), 1e-6)
+    spherical = jnp.sin((1 - t) * theta) / sin * p32 + jnp.sin(t * theta) / sin * e32
+    linear = p32 + t * (e32 - p32)
+    return jnp.where(theta < 1e-4, linear, spherical).astype(p.dtype)
+
+
+def merge_weight(params: dict, method: str, h, p, e):
+    """The gate w (weight of the expanded branch): a scalar or per token [B, S, 1], float32.
+    For moe also returns the hard selection mask of the expanded branch."""
+    if method in ("lerp", "slerp", "proj", "prog"):
+        return _sigmoid_param(params["interpolation_factor"]), None
+    if method in ("dlerp", "dlerpin"):
+        fc = params["interp_weight"]["fc"]
+        features = jnp.concatenate([p, e], axis=-1) if method == "dlerp" else h
+        logit = jnp.einsum("bsi,io->bso", features.astype(jnp.float32), fc["kernel"].astype(jnp.float32))
+        return jax.nn.sigmoid(logit + fc["bias"].astype(jnp.float32)), None
+    if method == "moe":
+        gate = params["gating"]["gate_network_0"]
+        logits = jnp.einsum("bsi,io->bso", h.astype(jnp.float32), gate["kernel"].astype(jnp.float32))
+        probs = jax.nn.softmax(logits + gate["bias"].astype(jnp.float32), axis=-1)
+        selected = (jnp.argmax(probs, axis=-1)[..., None] == 1).astype(jnp.float32)
+        return probs[..., 1:2] * selected, selected
+    raise ConfigError(f"expansion.merge_method: unknown method {method!r}")
+
+
+def _project(params: dict, name: str, x):
+    return jnp.einsum("bsi,io->bso", x, params[name]["kernel"].astype(x.dtype))
+
+
+def merge(params: dict, method: str, h, p, e):
+    """(merged output, gate w, pretrained term used by the divergence)."""
+    w, selected = merge_weight(params, method, h, p, e)
+    if method in ("lerp", "proj"):
+        out = p + w.astype(p.dtype) * (e - p)
+    elif method in ("dlerp", "dlerpin"):
+        wd = w.astype(p.dtype)
+        out = (1 - wd) * p + wd * e
+    elif method == "slerp":
+        out = slerp(p, e, w)
+    elif method == "moe":
+        out = jnp.where(selected.astype(bool), e, p)
+    else:  # prog: lateral connection on the pretrained branch, not the identity at init
+        wd = w.astype(p.dtype)
+        out = (1 - wd) * _project(params, "lateral_connection", p) + wd * e
+    p_div = _project(params, "linear_proj", p) if method == "proj" else p
+    return out, w, p_div
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence
+# ----------------------------------------------------------------------------------------------
+
+def divergence(p: jax.Array, e: jax.Array, kind: str) -> jax.Array:
+    """Per-token divergence [B, S] in float32 between the pretrained and expanded branch outputs."""
+    p32, e32 = p.astype(jnp.float32), e.astype(jnp.float32)
+    if kind == "mse":
+        return jnp.mean((e32 - p32) ** 2, axis=-1)
+    # cosine, as torch.nn.functional.cosine_similarity (eps 1e-8) then smooth-L1 (beta 1) of relu(1 - cos)
+    dot = jnp.sum(p32 * e32, axis=-1)
+    norms = jnp.sqrt(jnp.maximum(jnp.sum(p32 * p32, -1) * jnp.sum(e32 * e32, -1), 1e-16))
+    x = jax.nn.relu(1.0 - dot / norms)
+    return jnp.where(x < 1.0, 0.5 * x * x, x - 0.5)
+
+
+def controlled_layer(params: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None):
+    """Returns (merged output, cache of both branches, aux with this layer's divergence and mean gate)."""
+    exp = ctx.config.expansion
+    alpha_n = exp.interpolation_norm_alpha
+    relax = alpha_n if 0 < alpha_n <= 1 else None
+    p, cache_p = decoder_layer(params["pretrained_layer"], h, ctx, None if cache is None else cache["pretrained_layer"])
+    e, cache_e = decoder_layer(params["expanded_layer"], h, ctx, None if cache is None else cache["expanded_layer"],
+                               relax=relax)
+    out, w, p_div = merge(params, exp.merge_method, h, p, e)
+
+    d = divergence(p_div, e, exp.interpolation_loss_type)
+    lam = exp.interpolation_loss_alpha
+    weight = jnp.broadcast_to(w, d.shape + (1,))[..., 0] if lam == -1 else jnp.float32(lam)
+    tokens = ctx.token_mask if exp.divergence_mask == "tokens" else jnp.ones_like(ctx.token_mask)
+    count = jnp.maximum(jnp.sum(tokens), 1.0)
+    real = jnp.maximum(jnp.sum(ctx.token_mask), 1.0)
+    aux = {"divergence": jnp.sum(weight * d * tokens) / count,
+           "merge_weight": jnp.sum(jnp.broadcast_to(w, d.shape + (1,))[..., 0] * ctx.token_mask) / real}
+    new_cache = None if cache is None else {"pretrained_layer": cache_p, "expanded_layer": cache_e}
+    return out, new_cache, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Expansion and trainability
+# ----------------------------------------------------------------------------------------------
+
+def expanded_config(config: ModelConfig, expansion: ExpansionConfig) -> ModelConfig:
+    """The config of ``config`` expanded by ``expansion`` (validated; nothing computed yet)."""
+    if config.expansion is not None:
+        raise ConfigError("expansion: this model is already expanded; expand the plain base model instead")
+    exp = copy.deepcopy(expansion)
+    exp.num_ori_layers = config.num_hidden_layers
+    exp.validate()
+    chosen = selected_layers(exp, config.num_hidden_layers)
+    n_inserted = {"concat": 0, "stack": len(chosen), "hybrid": (len(chosen) + 1) // 2}[exp.expand_type]
+    new = dataclasses.replace(config, expansion=exp, num_hidden_layers=config.num_hidden_layers + n_inserted,
+                              trainable_layers=None)
+    layer_plan(new)  # consistency check
+    return new
+
+
+def _zero_output_projections(layer: dict) -> dict:
+    layer = jax.tree.map(lambda x: x, layer)  # shallow structural copy
+    for module, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        layer[module][name] = jax.tree.map(jnp.zeros_like, layer[module][name])
+    return layer
+
+
+def _init_tree(specs: dict, rng, config: ModelConfig) -> dict:
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(rng, max(len(leaves), 1))
+    return jax.tree.unflatten(treedef, [_init_leaf(s, k, config) for s, k in zip(leaves, keys)])
+
+
+def expand(config: ModelConfig, params: dict, expansion: ExpansionConfig, rng) -> tuple[ModelConfig, dict]:
+    """Expand a plain Llama (spec §2): concat adds a trainable copy + merge module beside each selected layer,
+    stack inserts a copy with zeroed output projections after it, hybrid alternates (stack first).
+    Deterministic from ``rng`` (only merge parameters are random)."""
+    new = expanded_config(config, expansion)
+    old_blocks = unstack_blocks(config, params)
+    relaxed = new.expansion.interpolation_norm_alpha == -1
+    blocks, seen = [], set()
+    for index, block in enumerate(layer_plan(new)):
+        source = old_blocks[block.origin]
+        if block.kind == "controlled":
+            expanded = jax.tree.map(lambda x: x, source)
+            if relaxed:
+                for norm in ("input_layernorm", "post_attention_layernorm"):
+                    expanded[norm] = {**expanded[norm], "interpolation_factor": jnp.zeros((1,), jnp.float32)}
+            gate = _init_tree(merge_specs(new), jax.random.fold_in(rng, index), new)
+            blocks.append({"pretrained_layer": source, "expanded_layer": expanded, **gate})
+        elif block.origin in seen and block.trainable:  # the inserted (stacked) copy
+            blocks.append(_zero_output_projections(source))
+        else:
+            blocks.append(source)
+        seen.add(block.origin)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out["layers"] = stack_blocks(new, blocks)
+    return new, cast_to_specs(new, out)
+
+
+def cast_to_specs(config: ModelConfig, params: dict) -> dict:
+    """Cast every leaf to its declared dtype (frozen: frozen_dtype, trainable: param_dtype)."""
+    target = abstract_params(config)
+    return jax.tree.map(lambda x, t: x.astype(t.dtype) if x.dtype != t.dtype else x, params, target)
+
+
+def trainable_mask(config: ModelConfig, params: Optional[dict] = None) -> dict:
+    """Pytree of bools: which leaves the optimizer updates. Frozen: original layers, embeddings, final norm,
+    LM head and (with freeze_interpolation_factor) the lerp-family factors / dlerp gate bias."""
+    return spec_trainable(config)

@@ -1,0 +1,137 @@
+"""Which decoder blocks a model has, and how they are grouped for ``lax.scan``.
+
+A model is a sequence of *blocks*: a plain Llama decoder layer ("llama") or a Control LLM controlled
+layer ("controlled": a frozen pretrained layer, a trainable expanded copy and a merge module). Each block
+is also frozen or trainable. Blocks with the same (kind, trainable) key have identical parameter shapes, so
+a repeating pattern of keys — e.g. 3 frozen plain + 1 controlled for 32 layers with every 4th controlled —
+becomes one *segment* scanned 8 times over a 4-block body. Compile time then does not grow with depth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str            # "llama" | "controlled"
+    trainable: bool      # plain layers only: does the whole layer train? (controlled: see trainable_mask)
+    origin: int          # index of the original (pre-expansion) layer it came from
+
+    @property
+    def key(self) -> tuple[str, bool]:
+        return (self.kind, self.trainable)
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int                   # index of the first block
+    pattern: tuple[Block, ...]   # the blocks of one scan step (their keys repeat)
+    repeats: int
+
+    @property
+    def size(self) -> int:
+        return len(self.pattern) * self.repeats
+
+    def block_index(self, repeat: int, position: int) -> int:
+        return self.start + repeat * len(self.pattern) + position
+
+
+def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int]:
+    """Original layers that get an expanded branch (spec §1), validated."""
+    n = expansion.num_exp_layers
+    if expansion.layers is not None:
+        layers = sorted(int(i) for i in expansion.layers)
+        bad = [i for i in layers if not 0 <= i < num_ori_layers]
+        if bad:
+            raise ConfigError(f"expansion.layers: indices {bad} are out of range for a model with "
+                              f"{num_ori_layers} layers (valid: 0..{num_ori_layers - 1})")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"expansion.layers: duplicate indices in {expansion.layers}")
+        if not layers:
+            raise ConfigError("expansion.layers: the list is empty")
+        return layers
+    if n > num_ori_layers:
+        raise ConfigError(f"expansion.num_exp_layers: {n} is more than the model's {num_ori_layers} layers")
+    split = max(num_ori_layers // n, 1)
+    layers = [i for i in range(num_ori_layers) if (i + 1) % split == 0]
+    if len(layers) != n:
+        raise ConfigError(
+            f"expansion.num_exp_layers: the release's rule (every {split}-th layer) selects {len(layers)} "
+            f"layers, not {n}, for {num_ori_layers} layers; choose a divisor of {num_ori_layers} or pass the "
+            f"exact indices as expansion.layers, e.g. layers: {layers[:n]}")
+    return layers
+
+
+def layer_plan(config: ModelConfig) -> list[Block]:
+    """The blocks of ``config`` in order (length = config.num_hidden_layers)."""
+    exp = config.expansion
+    if exp is None:
+        train = set(config.trainable_layers or [])
+        return [Block("llama", i in train, i) for i in range(config.num_hidden_layers)]
+    num_ori = exp.num_ori_layers if exp.num_ori_layers is not None else config.num_hidden_layers
+    chosen = selected_layers(exp, num_ori)
+    ori_trainable = not exp.freeze_ori_layers
+    blocks: list[Block] = []
+    for i in range(num_ori):
+        if i not in chosen:
+            blocks.append(Block("llama", ori_trainable, i))
+            continue
+        rank = chosen.index(i)
+        kind = exp.expand_type if exp.expand_type != "hybrid" else ("stack" if rank % 2 == 0 else "concat")
+        if kind == "concat":
+            blocks.append(Block("controlled", False, i))
+        else:  # stack: keep the original, insert a trainable copy right after it
+            blocks.append(Block("llama", ori_trainable, i))
+            blocks.append(Block("llama", True, i))
+    if len(blocks) != config.num_hidden_layers:
+        raise ConfigError(f"model.num_hidden_layers is {config.num_hidden_layers} but the expansion "
+                          f"({exp.expand_type}, {len(chosen)} of {num_ori} layers) gives {len(blocks)} blocks")
+    return blocks
+
+
+def segments(plan: list[Block], scan: bool = True) -> list[Segment]:
+    """Cover the plan with repeated patterns, minimising the number of distinct block bodies to compile
+    (the sum of pattern lengths), then the number of segments. A plain 32-layer model is one segment of
+    1 block x 32; 32 layers with every 4th controlled is one segment of 4 blocks x 8."""
+    n = len(plan)
+    if not scan:
+        return [Segment(i, (b,), 1) for i, b in enumerate(plan)]
+    keys = [b.key for b in plan]
+    best: list[tuple[int, int]] = [(0, 0)] * (n + 1)   # (compiled blocks, segments) to cover plan[s:]
+    choice: list[tuple[int, int]] = [(0, 0)] * (n + 1)
+    for s in range(n - 1, -1, -1):
+        best[s] = (n + 1, n + 1)
+        for p in range(1, n - s + 1):
+            r = 1
+            while True:
+                cost = (p + best[s + r * p][0], 1 + best[s + r * p][1])
+                if cost < best[s]:
+                    best[s], choice[s] = cost, (p, r)
+                nxt = s + (r + 1) * p
+                if nxt > n or keys[s + r * p:nxt] != keys[s:s + p]:
+                    break
+                r += 1
+    out, s = [], 0
+    while s < n:
+        p, r = choice[s]
+        out.append(Segment(s, tuple(plan[s:s + p]), r))
+        s += p * r
+    return out
+
+
+def controlled_indices(config: ModelConfig) -> list[int]:
+    return [i for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"]
+
+
+def segment_of(config: ModelConfig) -> list[Segment]:
+    return segments(layer_plan(config), scan=config.scan_layers)
+
+
+def first_trainable_block(config: ModelConfig) -> Optional[int]:
+    for i, b in enumerate(layer_plan(config)):
+        if b.trainable or b.kind == "controlled":
+            return i
+    return None

@@ -1,0 +1,288 @@
+"""Llama as pure functions over a parameter pytree (Hugging Face semantics, rotate-half RoPE layout).
+
+    h_0   = E[ids]
+    h_l+1 = block_l(h_l)         plain:  a = h + o(attn(norm1(h)));  out = a + down(silu(gate(n)) * up(n)), n = norm2(a)
+                                 controlled (Control LLM): see control.py
+    logits = norm(h_L) @ W_head
+
+Attention masks combine causality, padding (attention_mask) and packed documents (segment_ids): a token
+attends to keys at or before it, in the same segment, that are not padding. Positions restart per document
+when the caller passes them (the data pipeline does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.layout import Segment, segment_of
+from jax_controlllm.model.params import block_key, segment_key
+from jax_controlllm.sharding import constrain
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (Hugging Face rotate-half layout; default / linear / llama3 scaling)
+# ----------------------------------------------------------------------------------------------
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, S, head_dim] (float32) for integer positions [B, S]."""
+    inv = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, S, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every layer needs besides its weights and input; built once per forward pass."""
+    config: ModelConfig
+    cos: jax.Array                   # [B, S, head_dim]
+    sin: jax.Array
+    mask: Optional[jax.Array]        # [B, 1, S, T] bool: may query s attend to key t
+    token_mask: jax.Array            # [B, S] float32: 1 for real tokens (divergence averaging)
+    segment_ids: Optional[jax.Array] = None
+    cache_index: Optional[jax.Array] = None   # decoding: slot where this chunk's keys are written
+
+
+def dense(x: jax.Array, p: dict, dtype) -> jax.Array:
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, p: dict, eps: float, relax: Optional[float] = None) -> jax.Array:
+    """weight * x / sqrt(mean(x^2) + eps) in float32; optionally Control LLM's relaxed norm
+    ``a x + (1 - a) RMSNorm(x)`` with a fixed ``relax`` = a, or a learned one from ``interpolation_factor``."""
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    out = p["weight"].astype(x.dtype) * normed
+    if "interpolation_factor" in p:
+        a = jnp.clip(2 * jax.nn.sigmoid(p["interpolation_factor"].astype(jnp.float32)) - 1, 0, 1)
+        out = (a * x32 + (1 - a) * out.astype(jnp.float32)).astype(x.dtype)
+    elif relax:
+        out = (relax * x32 + (1 - relax) * out.astype(jnp.float32)).astype(x.dtype)
+    return out
+
+
+def attention_weights_xla(q, k, v, mask):
+    """Masked softmax attention with GQA. q [B,S,Hq,D], k/v [B,T,Hkv,D], mask [B,1,S,T] -> [B,S,Hq,D]."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, s, hkv, hq // hkv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, hq, d)
+
+
+def attention_weights_cudnn(q, k, v, ctx: Context):
+    """Fused attention (cuDNN flash) on GPU. Packed documents are kept apart by the segment mask."""
+    if ctx.cache_index is not None or ctx.mask is None:
+        return attention_weights_xla(q, k, v, ctx.mask)
+    if ctx.segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=ctx.mask, implementation="cudnn")
+
+
+def self_attention(p: dict, x: jax.Array, ctx: Context, cache: Optional[dict]):
+    c, dt = ctx.config, x.dtype
+    b, s, _ = x.shape
+    q = dense(x, p["q_proj"], dt).reshape(b, s, c.num_attention_heads, c.head_dim)
+    k = dense(x, p["k_proj"], dt).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    v = dense(x, p["v_proj"], dt).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    q = constrain(apply_rope(q, ctx.cos, ctx.sin), ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(apply_rope(k, ctx.cos, ctx.sin), ("act_batch", "act_seq", "act_kv_heads", None))
+    if cache is not None:  # decoding: write this chunk's keys/values at cache_index, attend over the cache
+        k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), ctx.cache_index, 1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), ctx.cache_index, 1)
+        cache = {"k": k, "v": v}
+        k, v = k.astype(dt), v.astype(dt)
+    if c.attention_impl == "cudnn":
+        out = attention_weights_cudnn(q, k, v, ctx)
+    else:
+        out = attention_weights_xla(q, k, v, ctx.mask)
+    out = out.reshape(b, s, c.num_attention_heads * c.head_dim)
+    return dense(out, p["o_proj"], dt), cache
+
+
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    hidden = jax.nn.silu(dense(x, p["gate_proj"], dt)) * dense(x, p["up_proj"], dt)
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
+    return dense(hidden, p["down_proj"], dt)
+
+
+def decoder_layer(p: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None,
+                  relax: Optional[float] = None):
+    """One Llama block with both residual additions. Returns (output, updated cache)."""
+    eps = ctx.config.rms_norm_eps
+    attn, cache = self_attention(p["self_attn"], rms_norm(h, p["input_layernorm"], eps, relax), ctx, cache)
+    h = h + attn
+    h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"], eps, relax))
+    return constrain(h, ("act_batch", "act_seq", "act_embed")), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The stack of blocks: one lax.scan per segment of repeated blocks
+# ----------------------------------------------------------------------------------------------
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _apply_block(kind: str, p: dict, h, ctx: Context, cache):
+    if kind == "llama":
+        h, cache = decoder_layer(p, h, ctx, cache)
+        return h, cache, None
+    from jax_controlllm.model.control import controlled_layer
+    return controlled_layer(p, h, ctx, cache)
+
+
+def _segment_body(segment: Segment, ctx: Context):
+    kinds = [b.kind for b in segment.pattern]
+
+    def body(h, xs):
+        block_params, block_caches = xs
+        new_caches, aux = {}, {}
+        for j, kind in enumerate(kinds):
+            key = block_key(j)
+            cache = None if block_caches is None else block_caches[key]
+            h, cache, block_aux = _apply_block(kind, block_params[key], h, ctx, cache)
+            if cache is not None:
+                new_caches[key] = cache
+            if block_aux is not None:
+                aux[key] = block_aux
+        return h, (new_caches or None, aux)
+
+    policy = ctx.config.remat
+    if policy != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+    return body
+
+
+def apply_blocks(config: ModelConfig, layers: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None):
+    """Run all blocks. Returns (h, new cache or None, per-controlled-block aux ordered by block index)."""
+    new_cache, aux_by_block = {}, {}
+    for i, seg in enumerate(segment_of(config)):
+        key = segment_key(i)
+        seg_cache = None if cache is None else cache[key]
+        h, (seg_new_cache, seg_aux) = jax.lax.scan(_segment_body(seg, ctx), h, (layers[key], seg_cache))
+        if seg_new_cache is not None:
+            new_cache[key] = seg_new_cache
+        for j in range(len(seg.pattern)):
+            if block_key(j) in seg_aux:
+                for r in range(seg.repeats):
+                    aux_by_block[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r], seg_aux[block_key(j)])
+    aux = [aux_by_block[k] for k in sorted(aux_by_block)]
+    return h, (new_cache if cache is not None else None), aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and the full model
+# ----------------------------------------------------------------------------------------------
+
+def attention_mask_for(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
+    """[B, 1, S, S] bool: causal, same segment, key not padding."""
+    s = input_ids.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), dtype=bool))[None, None]
+    mask = causal
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def token_mask_for(input_ids, attention_mask=None, segment_ids=None) -> jax.Array:
+    if attention_mask is not None:
+        return attention_mask.astype(jnp.float32)
+    if segment_ids is not None:
+        return (segment_ids > 0).astype(jnp.float32)
+    return jnp.ones(input_ids.shape, jnp.float32)
+
+
+def embed(config: ModelConfig, params: dict, input_ids: jax.Array) -> jax.Array:
+    table = params["embed_tokens"]["embedding"]
+    h = jnp.take(table, input_ids, axis=0).astype(jnp.dtype(config.compute_dtype))
+    return constrain(h, ("act_batch", "act_seq", "act_embed"))
+
+
+def head_kernel(config: ModelConfig, params: dict) -> jax.Array:
+    """[H, V] output projection (the transposed embedding when tied)."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def final_hidden(config: ModelConfig, params: dict, input_ids, attention_mask=None, positions=None,
+                 segment_ids=None, return_aux: bool = False):
+    """Normed last hidden state [B, S, H] (compute dtype), plus Control LLM aux terms when asked."""
+    input_ids = jnp.asarray(input_ids)
+    b, s = input_ids.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    cos, sin = rope_tables(config, jnp.asarray(positions))
+    ctx = Context(config, cos, sin, attention_mask_for(input_ids, attention_mask, segment_ids),
+                  token_mask_for(input_ids, attention_mask, segment_ids), segment_ids)
+    h = embed(config, params, input_ids)
+    h, _, aux = apply_blocks(config, params["layers"], h, ctx)
+    h = rms_norm(h, params["norm"], config.rms_norm_eps)
+    if return_aux:
+        return h, aux, ctx
+    return h
+
+
+def logits_from_hidden(config: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+    kernel = head_kernel(config, params).astype(h.dtype)
+    logits = jnp.einsum("bsh,hv->bsv", h, kernel, preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+
+def forward(config: ModelConfig, params: dict, input_ids, attention_mask=None, positions=None,
+            segment_ids=None) -> jax.Array:
+    """Logits [B, S, V] in float32."""
+    h = final_hidden(config, params, input_ids, attention_mask, positions, segment_ids)
+    return logits_from_hidden(config, params, h)

@@ -1,0 +1,196 @@
+"""Parameter declarations: every weight once, with shape, logical axes and initialiser.
+
+Shapes, random init, abstract (ShapeDtypeStruct) trees and shardings are all derived from ``param_specs``.
+Linear weights are stored as ``kernel[in, out]`` (the transpose of PyTorch's ``weight[out, in]``), norms as
+``weight[H]``; the tree's path names follow Hugging Face's so conversion is a rename plus a transpose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.layout import Block, Segment, layer_plan, segment_of
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[Optional[str], ...]
+    init: str            # "normal" (std 0.02), "zeros", "ones", "fan_in" (uniform ±1/sqrt(fan_in)), "eye_noise"
+    trainable: bool
+    dtype: str
+
+    def stacked(self, repeats: int) -> "ParamSpec":
+        return ParamSpec((repeats, *self.shape), ("layers", *self.logical_axes), self.init, self.trainable, self.dtype)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def _dense(config, din, dout, in_axis, out_axis, trainable, bias=False, init="normal", dtype=None):
+    dtype = dtype or (config.param_dtype if trainable else config.frozen_dtype)
+    out = {"kernel": ParamSpec((din, dout), (in_axis, out_axis), init, trainable, dtype)}
+    if bias:
+        out["bias"] = ParamSpec((dout,), (out_axis,), "zeros", trainable, dtype)
+    return out
+
+
+def _norm(config, trainable, relaxed=False):
+    dtype = config.param_dtype if trainable else config.frozen_dtype
+    out = {"weight": ParamSpec((config.hidden_size,), ("norm",), "ones", trainable, dtype)}
+    if relaxed:  # learnable relaxed-norm mix (interpolation_norm_alpha = -1), always trainable
+        out["interpolation_factor"] = ParamSpec((1,), (None,), "zeros", True, config.param_dtype)
+    return out
+
+
+def decoder_layer_specs(config: ModelConfig, trainable: bool, relaxed_norm: bool = False) -> dict:
+    c, t = config, trainable
+    d, hq, hkv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {
+        "input_layernorm": _norm(c, t, relaxed_norm),
+        "self_attn": {
+            "q_proj": _dense(c, d, hq, "embed", "heads", t, c.attention_bias),
+            "k_proj": _dense(c, d, hkv, "embed", "kv_heads", t, c.attention_bias),
+            "v_proj": _dense(c, d, hkv, "embed", "kv_heads", t, c.attention_bias),
+            "o_proj": _dense(c, hq, d, "heads", "embed", t, c.attention_bias),
+        },
+        "post_attention_layernorm": _norm(c, t, relaxed_norm),
+        "mlp": {
+            "gate_proj": _dense(c, d, c.intermediate_size, "embed", "mlp", t, c.mlp_bias),
+            "up_proj": _dense(c, d, c.intermediate_size, "embed", "mlp", t, c.mlp_bias),
+            "down_proj": _dense(c, c.intermediate_size, d, "mlp", "embed", t, c.mlp_bias),
+        },
+    }
+
+
+def merge_specs(config: ModelConfig) -> dict:
+    """Merge-module parameters of a controlled layer (spec §3), trainability per freeze_interpolation_factor."""
+    exp, d, dt = config.expansion, config.hidden_size, config.param_dtype
+    frozen_factor = exp.freeze_interpolation_factor
+    factor = ParamSpec((1,), (None,), "factor", not frozen_factor, dt)
+    method = exp.merge_method
+    if method in ("lerp", "slerp"):
+        return {"interpolation_factor": factor}
+    if method in ("dlerp", "dlerpin"):
+        fan_in = 2 * d if method == "dlerp" else d
+        return {"interp_weight": {"fc": {
+            "kernel": ParamSpec((fan_in, 1), ("embed", None), "fan_in", True, dt),
+            "bias": ParamSpec((1,), (None,), "factor", not frozen_factor, dt)}}}
+    if method == "moe":
+        return {"gating": {"gate_network_0": {
+            "kernel": ParamSpec((d, 2), ("embed", None), "fan_in", True, dt),
+            "bias": ParamSpec((2,), (None,), "moe_bias", True, dt)}}}
+    name = "linear_proj" if method == "proj" else "lateral_connection"
+    return {"interpolation_factor": factor,
+            name: {"kernel": ParamSpec((d, d), (None, "embed"), "eye_noise", True, dt)}}
+
+
+def block_specs(config: ModelConfig, block: Block) -> dict:
+    if block.kind == "llama":
+        return decoder_layer_specs(config, block.trainable)
+    relaxed = config.expansion.interpolation_norm_alpha == -1
+    return {"pretrained_layer": decoder_layer_specs(config, False),
+            "expanded_layer": decoder_layer_specs(config, True, relaxed_norm=relaxed),
+            **merge_specs(config)}
+
+
+def segment_key(i: int) -> str:
+    return f"seg_{i}"
+
+
+def block_key(j: int) -> str:
+    return f"block_{j}"
+
+
+def param_specs(config: ModelConfig) -> dict:
+    """The whole parameter tree as ParamSpecs. Layers: layers/seg_i/block_j with a leading repeat axis."""
+    c = config
+    train_outer = c.train_embeddings
+    outer_dt = c.param_dtype if train_outer else c.frozen_dtype
+    specs = {"embed_tokens": {"embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                                                     "normal", train_outer, outer_dt)},
+             "layers": {}}
+    for i, seg in enumerate(segment_of(c)):
+        specs["layers"][segment_key(i)] = {
+            block_key(j): jax.tree.map(lambda s: s.stacked(seg.repeats), block_specs(c, b), is_leaf=_is_spec)
+            for j, b in enumerate(seg.pattern)}
+    specs["norm"] = {"weight": ParamSpec((c.hidden_size,), ("norm",), "ones", train_outer, outer_dt)}
+    if not c.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": ParamSpec((c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal",
+                                                train_outer, outer_dt)}
+    return specs
+
+
+def _init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
+    dtype = jnp.dtype(spec.dtype)
+    shape = spec.shape
+    if spec.init == "zeros":
+        return jnp.zeros(shape, dtype)
+    if spec.init == "ones":
+        return jnp.ones(shape, dtype)
+    if spec.init == "factor":
+        return jnp.full(shape, config.expansion.interpolation_factor, dtype)
+    if spec.init == "moe_bias":  # c = [0, interpolation_factor] (pretrained, expanded)
+        base = jnp.array([0.0, config.expansion.interpolation_factor], dtype)
+        return jnp.broadcast_to(base, shape)
+    if spec.init == "fan_in":  # like a PyTorch nn.Linear weight: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / np.sqrt(shape[-2])
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    if spec.init == "eye_noise":  # I + 0.01 N(0, 1)
+        eye = jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+        return eye + 0.01 * jax.random.normal(key, shape, dtype)
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def init_params(config: ModelConfig, rng) -> dict:
+    """Random parameters (std 0.02 normal for weights), deterministic from ``rng``."""
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(rng, len(leaves))
+    return jax.tree.unflatten(treedef, [_init_leaf(s, k, config) for s, k in zip(leaves, keys)])
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
+                        is_leaf=_is_spec)
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    return jax.tree.map(lambda s: s.logical_axes, param_specs(config), is_leaf=_is_spec)
+
+
+def spec_trainable(config: ModelConfig) -> dict:
+    return jax.tree.map(lambda s: s.trainable, param_specs(config), is_leaf=_is_spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-block views: unstack the scanned segments into a list of block dicts, and back
+# ----------------------------------------------------------------------------------------------
+
+def unstack_blocks(config: ModelConfig, params: dict) -> list[dict]:
+    """Block i's parameters as a plain dict (no leading repeat axis), in model order."""
+    blocks: list[Optional[dict]] = [None] * config.num_hidden_layers
+    for i, seg in enumerate(segment_of(config)):
+        seg_params = params["layers"][segment_key(i)]
+        for j in range(len(seg.pattern)):
+            stacked = seg_params[block_key(j)]
+            for r in range(seg.repeats):
+                blocks[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r], stacked)
+    return blocks
+
+
+def stack_blocks(config: ModelConfig, blocks: list[dict], np_module=jnp) -> dict:
+    """Inverse of unstack_blocks: the ``layers`` subtree for ``config``."""
+    layers = {}
+    for i, seg in enumerate(segment_of(config)):
+        layers[segment_key(i)] = {
+            block_key(j): jax.tree.map(lambda *xs: np_module.stack(xs),
+                                       *[blocks[seg.block_index(r, j)] for r in range(seg.repeats)])
+            for j in range(len(seg.pattern))}
+    return layers
