@@ -340,6 +340,13 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     """Plain Llama fields of a Hugging Face ``config.json`` (unknown HF keys are ignored here)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)} - {"expansion"}
     kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+    rope = hf.get("rope_parameters")  # transformers >= 5 folds rope_theta and rope_scaling into one dict
+    if isinstance(rope, dict):
+        rope = dict(rope)
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            kwargs["rope_scaling"] = rope
     kwargs.pop("trainable_layers", None)
     return ModelConfig(**kwargs)
 

@@ -29,6 +29,9 @@ class ConversionError(ValueError):
     pass
 
 
+MERGED_MARKER = -2   # the release writes expansion.num_exp_layers = -2 into merged-back configs
+
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CausalLMExpansion")
 RELEASE_EXPANSION_KEYS = ("expand_type", "merge_method", "freezed_layers", "expanded_from", "num_ori_layers",
                           "num_exp_layers", "interpolation_factor", "interpolation_loss_alpha",
@@ -155,13 +158,13 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
                               f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type llama or causallmexpansion)")
     config = model_config_from_hf(hf)
     exp = hf.get("expansion")
+    if exp and exp.get("num_exp_layers") == MERGED_MARKER:
+        exp = None  # merged back into a plain Llama: the dict is provenance only
     if exp:
         known = {f.name for f in dataclasses.fields(ExpansionConfig)}
         ours = hf.get("jax_controlllm_expansion") or {}
         fields = {k: v for k, v in {**exp, **ours}.items() if k in known}
         config.expansion = from_dict(ExpansionConfig, fields, "expansion")
-        if model_type == "llama" and config.expansion.expand_type == "concat":
-            config.expansion = None  # a merged-back model: plain Llama, the dict is provenance only
     config.validate()
     return config
 
@@ -289,15 +292,18 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optio
     release's CausalLMExpansion format, or (``merge_back=True``) folded into a plain Llama. Returns a report
     (for merge-back: how far the merged logits move on ``sample_ids`` or a default sample)."""
     report: dict = {"out_dir": str(out_dir)}
+    merged_from = None
     if merge_back:
-        from jax_controlllm.convert.merge_back import merge_back_params
-        merged_config, merged, report_mb = merge_back_params(config, params, sample_ids=sample_ids)
-        report.update(report_mb)
-        config, params = merged_config, merged
+        from jax_controlllm.convert.merge_back import merge_back_params, provenance
+        merged_from = provenance(config)
+        config, params, drift = merge_back_params(config, params, sample_ids=sample_ids)
+        report.update(drift)
     tensors = to_hf_tensors(config, params)
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     hf = config_to_hf_dict(config, expanded_from)
+    if merged_from is not None:
+        hf["expansion"] = merged_from
     hf["torch_dtype"] = str(np.dtype(jnp.dtype(dtype)) if dtype else next(iter(tensors.values())).dtype)
     if hf["torch_dtype"] not in ("float32", "float16", "bfloat16"):
         hf["torch_dtype"] = "float32"
