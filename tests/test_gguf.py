@@ -325,4 +325,10 @@ def test_smollm2_jax_logits_match_transformers(smollm2_hf_dir):
     config, params = load_gguf(smollm2_gguf_path())
     logits = np.asarray(forward(config, params, np.asarray([ids], np.int32)))
     assert logits.shape == expected.shape
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+    # fp32 noise floor over 30 layers, measured against transformers in float64: transformers fp32 is
+    # off by up to 1.2e-4, our XLA-CPU fp32 forward by up to 1.5e-4 (its dot accumulates about twice
+    # MKL's rounding error); max 1.4e-4 / mean 1.2e-5 apart. Bugs are far larger: rms_norm_eps 10% off
+    # gives max 2.6e-3 / mean 2.0e-4, rope_theta 0.1% off max 3.1e-3 / mean 3.7e-4.
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=2e-4)
+    assert np.abs(logits - expected).mean() < 2e-5
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()

@@ -17,6 +17,7 @@ in numpy order a GGUF weight is ``[out, in]``, exactly PyTorch/HF's ``nn.Linear`
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -327,15 +328,19 @@ def _convert_weights(reader, meta: dict, path, progress: bool) -> tuple[dict, di
     return config, tensors
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32"):
-    """A llama GGUF as ``(ModelConfig, params)`` for ``jax_controlllm.model.forward``."""
-    from jax_controlllm.config import model_config_from_hf
-    from jax_controlllm.convert.hf import from_hf_tensors
+def load_gguf(path: str | os.PathLike, dtype: Optional[str] = "float32", as_numpy: bool = False):
+    """A llama GGUF as ``(ModelConfig, params)`` for ``jax_controlllm.model.forward``.
+
+    ``dtype`` sets the param, frozen and compute dtype policies at once (None keeps the defaults).
+    """
+    from jax_controlllm.convert.hf import config_from_hf_dict, from_hf_tensors
 
     hf_config, tensors = gguf_to_hf(path)
-    config = model_config_from_hf(hf_config)
-    config.param_dtype = config.frozen_dtype = config.compute_dtype = dtype
-    return config, from_hf_tensors(config, tensors)
+    config = config_from_hf_dict(hf_config, str(path))
+    if dtype is not None:
+        config = dataclasses.replace(config, param_dtype=dtype, frozen_dtype=dtype, compute_dtype=dtype)
+        config.validate()
+    return config, from_hf_tensors(config, tensors, as_numpy=as_numpy, where=str(path))
 
 
 def smollm2_gguf_path() -> Path:
