@@ -1,0 +1,222 @@
+"""Batches for the train step: this process's rows from a data iterator, assembled into global arrays.
+
+Two kinds of iterator share one interface (``next`` -> dict of int32 numpy [local_batch, seq_len];
+``get_state`` / ``set_state``): the data pipeline's (``jax_controlllm.data``) for real corpora, and
+``SyntheticTokens`` below (``data: {source: synthetic}``) for tests, benchmarks and the no-download demo.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+from jax_controlllm.config import ConfigError, RunConfig
+
+SYNTHETIC_KEYS = ("source", "min_doc_len", "max_doc_len")
+
+
+class SyntheticTokens:
+    """Packed rows of arithmetic token sequences (a, a+k, a+2k, ... mod vocab) with random lengths.
+
+    Learnable (the loss falls quickly), packed with segment ids and per-document positions like real
+    data, and a pure function of (seed, split, batch index, global row): any process count or mesh
+    yields the same global batches, and the state is just the number of batches consumed.
+    """
+
+    def __init__(self, vocab_size: int, global_batch_size: int, seq_len: int, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, split: str = "train",
+                 min_doc_len: int = 8, max_doc_len: Optional[int] = None):
+        if global_batch_size % process_count:
+            raise ConfigError(f"train.batch_size: {global_batch_size} is not divisible by the {process_count} "
+                              f"processes loading it; use a multiple of {process_count}")
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.local_batch_size = global_batch_size // process_count
+        self.first_row = process_index * self.local_batch_size
+        self.global_batch_size = global_batch_size
+        self.split_id = {"train": 0, "eval": 1}[split]
+        self.min_doc_len = max(2, min(min_doc_len, seq_len))
+        self.max_doc_len = max(self.min_doc_len, min(max_doc_len or seq_len, seq_len))
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._row(self.first_row + r) for r in range(self.local_batch_size)]
+        self.batches += 1
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def _row(self, row: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.split_id, self.batches, row])
+        ids = np.zeros(self.seq_len, np.int32)
+        segments = np.zeros(self.seq_len, np.int32)
+        positions = np.zeros(self.seq_len, np.int32)
+        start, segment = 0, 1
+        while start < self.seq_len:
+            length = min(int(rng.integers(self.min_doc_len, self.max_doc_len + 1)), self.seq_len - start)
+            first, stride = int(rng.integers(0, self.vocab_size)), int(rng.integers(1, 8))
+            ids[start:start + length] = (first + stride * np.arange(length)) % self.vocab_size
+            segments[start:start + length] = segment
+            positions[start:start + length] = np.arange(length)
+            start, segment = start + length, segment + 1
+        return {"input_ids": ids, "labels": ids.copy(), "segment_ids": segments, "positions": positions}
+
+    def get_state(self) -> dict:
+        return {"format": "synthetic/1", "batches": self.batches}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("format") != "synthetic/1":
+            raise ConfigError(f"data: the checkpoint's data state {str(state)[:120]} is not from the synthetic "
+                              f"source; resume with the data config the run was started with")
+        self.batches = int(state["batches"])
+
+    def reset(self) -> None:
+        self.batches = 0
+
+
+def is_synthetic(data: dict) -> bool:
+    return data.get("source") == "synthetic"
+
+
+def check_data_config(run: RunConfig) -> None:
+    """Fail before any work when the data section is missing or malformed."""
+    data = run.data or {}
+    if is_synthetic(data):
+        unknown = sorted(set(data) - set(SYNTHETIC_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown config key 'data.{unknown[0]}' for the synthetic source; "
+                              f"valid keys: {', '.join(SYNTHETIC_KEYS)}")
+        return
+    if not data:
+        raise ConfigError("data: no data configured; set data.sources (see docs/data.md) or "
+                          "data: {source: synthetic} for generated tokens")
+    from jax_controlllm.data import DataConfig
+    DataConfig.from_dict(data)
+
+
+def make_iterator(run: RunConfig, vocab_size: int, split: str, process_index: int, process_count: int,
+                  tokenizer=None):
+    """This process's slice of each global batch of ``split`` ("train" or "eval")."""
+    train, data = run.train, run.data or {}
+    if is_synthetic(data):
+        extra = {k: data[k] for k in ("min_doc_len", "max_doc_len") if k in data}
+        batch = train.batch_size if split == "train" else eval_batch_size(run)
+        return SyntheticTokens(vocab_size, batch, train.seq_len, train.seed, process_index, process_count,
+                               split, **extra)
+    from jax_controlllm.data import DataConfig, make_data_iterator, make_eval_iterator
+    config = DataConfig.from_dict(data)
+    if split == "eval":
+        return make_eval_iterator(config, tokenizer, eval_batch_size(run), train.seq_len, process_index,
+                                  process_count)
+    return make_data_iterator(config, tokenizer, train.batch_size, train.seq_len, train.seed, process_index,
+                              process_count, split)
+
+
+def eval_batch_size(run: RunConfig) -> int:
+    """Eval batches are one micro-batch (what fits in memory with gradients fits without them)."""
+    return run.train.batch_size // run.train.grad_accum
+
+
+def tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
+    """The tokenizer directory for real data: data.tokenizer, else the base model's (written from a GGUF)."""
+    data = run.data or {}
+    if is_synthetic(data) or data.get("tokenizer"):
+        return data.get("tokenizer")
+    path, fmt = run.base.path, run.base.format
+    if path is None:
+        return None
+    from jax_controlllm.convert.auto import detect_format
+    kind = detect_format(path) if fmt == "auto" else fmt
+    if kind == "hf":
+        return path
+    if kind in ("gguf", "smollm2") and run_dir is not None:
+        return write_gguf_tokenizer(path if kind == "gguf" else None, Path(run_dir) / "tokenizer")
+    return None
+
+
+def write_gguf_tokenizer(gguf_path: Optional[str], out_dir: Path) -> Path:
+    """The GGUF's tokenizer as a Hugging Face tokenizer directory (once per run directory)."""
+    if (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    from jax_controlllm.convert import gguf
+    path = gguf_path or gguf.smollm2_gguf_path()
+    files = gguf.tokenizer_files(gguf._metadata(gguf._open(path)), path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Global arrays from process-local rows
+# ----------------------------------------------------------------------------------------------
+
+def process_batch_slot(sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+    """(index, count): this process holds rows [index * B / count, (index + 1) * B / count) of each global
+    batch under ``sharding``. Read from the sharding itself, so any device order works."""
+    indices = sharding.addressable_devices_indices_map((global_batch, seq_len)).values()
+    starts = [idx[0].start or 0 for idx in indices]
+    stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in indices]
+    lo, hi = min(starts), max(stops)
+    rows = hi - lo
+    covered = np.zeros(global_batch, bool)
+    for a, b in zip(starts, stops):
+        covered[a:b] = True
+    if not covered[lo:hi].all() or global_batch % rows or lo % rows:
+        raise ConfigError(f"mesh: the devices of process {jax.process_index()} hold a non-contiguous part of the "
+                          f"batch; order the mesh so that each process's devices are adjacent along the "
+                          f"batch axes")
+    return lo // rows, global_batch // rows
+
+
+def to_global(local: dict, shardings: dict, global_batch: int) -> dict:
+    """Assemble each process's rows into one global jax.Array per key (no cross-host copies)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], local[k], (global_batch, *local[k].shape[1:]))
+            for k in shardings}
+
+
+class Prefetcher:
+    """Reads batches in a background thread, ``depth`` ahead, each with the iterator state after it,
+    so that host-side tokenising and packing overlap the device step."""
+
+    def __init__(self, iterator, depth: int = 2):
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for batch in self._iterator:
+                item = (batch, self._iterator.get_state())
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(StopIteration())
+        except BaseException as err:  # surfaced in the training thread
+            self._queue.put(err)
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        item = self._queue.get()
+        if isinstance(item, StopIteration):
+            raise item
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

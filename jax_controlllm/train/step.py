@@ -1,0 +1,182 @@
+"""The train step: loss over ``grad_accum`` scanned micro-batches, gradients of the trainable leaves only,
+clipped AdamW update, skipped when the loss or gradients are not finite. Compiled with ``jax.jit`` with
+explicit in/out shardings and the state donated.
+
+Loss of one step (so that splitting a batch into micro-batches does not change it):
+
+    loss = sum_a nll_a / sum_a tokens_a  +  mean_a divergence_a
+
+where micro-batch ``a`` holds rows a, a + A, a + 2A, ... of the global batch: every device keeps its own
+rows, so accumulation needs no data movement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_controlllm.config import ModelConfig, TrainConfig
+from jax_controlllm.losses import controlllm_loss, next_token_targets
+from jax_controlllm.model.layout import controlled_indices
+from jax_controlllm.sharding import activation_sharding, batch_sharding, param_shardings, replicated
+from jax_controlllm.train.state import TrainState, combine, partition
+
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
+
+@dataclass
+class TrainShardings:
+    """NamedShardings of everything the step reads and writes."""
+    params: dict             # the full parameter tree
+    trainable: dict
+    frozen: dict
+    state: TrainState        # shardings of a TrainState (step replicated, opt state like its parameter)
+    batch: dict              # {name: NamedSharding} for BATCH_KEYS
+    replicated: Any
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, trainable_abstract: dict, trainable_shardings: dict,
+                        mesh) -> Any:
+    """Moments shard like their parameters; scalars (counts) are replicated. A moment is recognised by
+    its path ending with a trainable parameter's path (optax keeps the parameter tree inside its state)."""
+    by_path = {tuple(_key(k) for k in path): s
+               for path, s in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
+    shapes = jax.eval_shape(tx.init, trainable_abstract)
+
+    def pick(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        for start in range(len(keys)):
+            if keys[start:] in by_path and by_path[keys[start:]] is not None:
+                return by_path[keys[start:]]
+        return replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, shapes)
+
+
+def _key(k) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def train_shardings(config: ModelConfig, mask: dict, tx, mesh, rules: dict, abstract: dict) -> TrainShardings:
+    params = param_shardings(config, mesh, rules)
+    trainable, frozen = partition(params, mask)
+    trainable_abstract, _ = partition(abstract, mask)
+    rep = replicated(mesh)
+    state = TrainState(rep, trainable, opt_state_shardings(tx, trainable_abstract, trainable, mesh))
+    batch = {k: batch_sharding(mesh, rules) for k in BATCH_KEYS}
+    return TrainShardings(params, trainable, frozen, state, batch, rep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss over micro-batches
+# ----------------------------------------------------------------------------------------------
+
+def split_micro_batches(batch: dict, accum: int) -> dict:
+    """[B, S] -> [accum, B // accum, S]; micro-batch a takes rows a, a + accum, ... (device-local)."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def scored_tokens(batch: dict) -> jax.Array:
+    _, valid = next_token_targets(batch["labels"], batch.get("segment_ids"))
+    return jnp.sum(valid)
+
+
+def _micro_loss(config: ModelConfig, total_tokens, accum: int, poison):
+    """The micro-batch's share of the step loss, as a function of the trainable leaves."""
+    def loss(trainable, frozen, micro):
+        out = controlllm_loss(config, combine(trainable, frozen), micro)
+        share = out["ce"] * out["tokens"] / total_tokens + out["divergence"] / accum
+        return share * poison, out
+    return loss
+
+
+def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
+    return {"ce": out["ce"] * out["tokens"] / total_tokens,
+            "divergence": out["divergence"] / accum,
+            "divergence_per_layer": out["divergence_per_layer"] / accum,
+            "merge_weight_per_layer": out["merge_weight_per_layer"] / accum}
+
+
+def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison):
+    """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32."""
+    total_tokens = jnp.maximum(scored_tokens(batch), 1.0)
+    grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison), has_aux=True)
+    if accum == 1:
+        grads, out = grad_fn(trainable, frozen, batch)
+        return _metrics_share(out, total_tokens, 1), grads
+
+    micro = split_micro_batches(batch, accum)
+
+    def body(carry, xs):
+        grad_sum, metric_sum = carry
+        grads, out = grad_fn(trainable, frozen, xs)
+        grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+        metric_sum = jax.tree.map(jnp.add, metric_sum, _metrics_share(out, total_tokens, accum))
+        return (grad_sum, metric_sum), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    n = len(controlled_indices(config))
+    metric_zeros = {"ce": jnp.float32(0), "divergence": jnp.float32(0),
+                    "divergence_per_layer": jnp.zeros((n,), jnp.float32),
+                    "merge_weight_per_layer": jnp.zeros((n,), jnp.float32)}
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), micro)
+    return metrics, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# Step functions
+# ----------------------------------------------------------------------------------------------
+
+def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation,
+                  schedule: Callable, mesh, rules: dict) -> Callable:
+    """The un-jitted step: (state, frozen, batch) -> (new state, metrics)."""
+    accum = train.grad_accum
+    inject = train.inject_nan_at_step
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        with activation_sharding(mesh, rules):
+            poison = jnp.float32(1.0)
+            if inject >= 0:  # testing aid: this step's loss (and so its gradients) become NaN
+                poison = jnp.where(state.step + 1 == inject, jnp.float32(jnp.nan), poison)
+            metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison)
+        loss = (metrics["ce"] + metrics["divergence"]) * poison
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        # A non-finite loss or gradient leaves weights and optimizer untouched (the loop decides whether
+        # to stop or to skip); the batch still counts as consumed.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = TrainState(state.step + 1, jax.tree.map(keep, trainable, state.trainable),
+                               jax.tree.map(keep, opt_state, state.opt_state))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "finite": finite}
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step: Callable, shardings: TrainShardings) -> Callable:
+    return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+                   out_shardings=(shardings.state, shardings.replicated), donate_argnums=(0,))
+
+
+def eval_step_fn(config: ModelConfig, mesh, rules: dict) -> Callable:
+    """(trainable, frozen, batch) -> metrics of the loss (no gradients)."""
+    def evaluate(trainable: dict, frozen: dict, batch: dict):
+        with activation_sharding(mesh, rules):
+            out = controlllm_loss(config, combine(trainable, frozen), batch)
+        return {"loss": out["total"], "ce": out["ce"], "divergence": out["divergence"], "tokens": out["tokens"]}
+    return evaluate
+
+
+def jit_eval_step(evaluate: Callable, shardings: TrainShardings) -> Callable:
+    return jax.jit(evaluate, in_shardings=(shardings.trainable, shardings.frozen, shardings.batch),
+                   out_shardings=shardings.replicated)

@@ -1,0 +1,80 @@
+"""Train a model: ``python -m launch.train --config configs/tiny.yaml --mesh 4x8 --set train.lr=1e-4``.
+
+config -> mesh -> weights + step -> loop. Everything happens in the library (``jax_controlllm.train``),
+so the same run can be driven from Python. Exit statuses: see ``jax_controlllm/train/loop.py``
+(0 done, 1 bad input, 3 non-finite loss, 75 preempted: rerun to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml", help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, tensorboard/, config.yaml); "
+                                 "default: the config's out_dir, else runs/<config name>")
+    p.add_argument("--steps", type=int, help="number of training steps (train.steps)")
+    p.add_argument("--mesh", help="device mesh, e.g. 4x8, 2x2x8 or -1x8 (mesh.shape)")
+    p.add_argument("--mesh-axes", help="mesh axis names, e.g. data,fsdp,tensor (mesh.axes)")
+    p.add_argument("--cpu-devices", type=int, help="simulate N CPU devices (sets XLA_FLAGS before JAX starts)")
+    p.add_argument("--aot-topology", help="compile the step for a TPU topology (e.g. v5e:4x8), print the "
+                                          "per-device memory report and exit (needs libtpu)")
+    p.add_argument("--coordinator", help="multi-process: coordinator host:port")
+    p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-process with the cluster's auto-detection (Cloud TPU pods, SLURM)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.mesh:
+        out.append(f"mesh.shape={args.mesh}")
+    if args.mesh_axes:
+        out.append(f"mesh.axes=[{args.mesh_axes}]")
+    if args.steps is not None:
+        out.append(f"train.steps={args.steps}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_devices:  # before JAX is imported: the flag is read once, at backend start
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    from jax_controlllm.config import load_config
+    from jax_controlllm.sharding import make_mesh
+    from jax_controlllm.train import (EXIT_BAD_INPUT, aot_memory_report, build_trainer, check_data_config,
+                                      create_run_dir, initialize_distributed, open_checkpoints, train_loop)
+    from jax_controlllm.train.errors import USER_ERRORS
+
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        run = load_config(args.config, overrides_from(args))
+        if args.aot_topology:
+            print(aot_memory_report(run, args.aot_topology))
+            return 0
+        check_data_config(run)
+        mesh = make_mesh(run.mesh.shape, run.mesh.axes)
+        run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
+        checkpoints = open_checkpoints(run_dir, run)            # None for a new run
+        trainer = build_trainer(run, mesh, checkpoints)         # weights in their shards + compiled step
+        checkpoints = checkpoints or create_run_dir(run_dir, run)
+        result = train_loop(trainer, run_dir, checkpoints, progress=not args.no_progress)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
