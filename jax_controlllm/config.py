@@ -62,6 +62,9 @@ class ModelConfig:
     train_embeddings: bool = False                 # full tuning: embeddings, final norm, LM head
     expansion: Optional["ExpansionConfig"] = None
 
+    def __hash__(self):  # static argument of jax.jit: the config decides shapes and code, not values
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -162,7 +165,10 @@ class TrainConfig:
     async_checkpoint: bool = True
     skip_nonfinite_steps: int = 0
     inject_nan_at_step: int = -1                   # testing aid: poison the loss at this step
+    inject_sigterm_at_step: int = -1               # testing aid: send SIGTERM to itself after this step
     trainable_layers: Optional[list] = None        # partial mode: original layer indices
+    peak_flops_per_device: float = 0.0             # for the MFU estimate; 0: from the device kind (none on CPU)
+    prefetch: int = 2                              # batches prepared ahead in a background thread
 
 
 @dataclass
