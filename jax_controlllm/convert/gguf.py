@@ -181,7 +181,7 @@ def _rope_scaling_from_freqs(freqs: np.ndarray, head_dim: int, theta: float, pat
     if it reproduces every stored divisor.
     """
     freqs = np.asarray(freqs, dtype=np.float64).reshape(-1)
-    low, high, factor = 1.0, 4.0, float(freqs.max())
+    low, high, factor = 1.0, 4.0, round(float(freqs.max()), 4)   # stored as float32: 8 -> 8.0, not 7.9999
     candidates = [8192]
     medium = np.flatnonzero((freqs > 1.0 + 1e-6) & (freqs < factor - 1e-6))
     if medium.size and factor > 1.0:
@@ -271,7 +271,9 @@ def _check_tensors(config: dict, tensors: dict[str, np.ndarray], path) -> None:
     expected = _expected_shapes(config)
     for name, value in tensors.items():
         kind = ".".join(name.split(".")[-2:])
-        want = expected[kind]
+        want = expected.get(kind)
+        if want is None:
+            raise GGUFError(f"{path}: tensor {name} is not part of a Hugging Face Llama (no {kind} there)")
         if value.shape != want:
             raise GGUFError(f"{path}: tensor {name} has shape {value.shape}, but the metadata implies {want}")
     layers = config["num_hidden_layers"]
