@@ -8,6 +8,8 @@ position t is skipped too, so the model is never trained to guess the next docum
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -58,6 +60,7 @@ def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, s
     return total, jnp.sum(valid)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def controlllm_loss(config: ModelConfig, params: dict, batch: dict) -> dict:
     """CE + divergence for a batch dict with input_ids and optionally labels (default: input_ids),
     attention_mask, segment_ids, positions. Returns ce, divergence, divergence_per_layer (by block index),

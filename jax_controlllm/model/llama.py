@@ -11,6 +11,7 @@ when the caller passes them (the data pipeline does).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -107,7 +108,7 @@ def attention_weights_xla(q, k, v, mask):
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, s, hkv, hq // hkv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -281,6 +282,7 @@ def logits_from_hidden(config: ModelConfig, params: dict, h: jax.Array) -> jax.A
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(config: ModelConfig, params: dict, input_ids, attention_mask=None, positions=None,
             segment_ids=None) -> jax.Array:
     """Logits [B, S, V] in float32."""

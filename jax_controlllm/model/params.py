@@ -181,7 +181,8 @@ def unstack_blocks(config: ModelConfig, params: dict) -> list[dict]:
         for j in range(len(seg.pattern)):
             stacked = seg_params[block_key(j)]
             for r in range(seg.repeats):
-                blocks[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r], stacked)
+                # non-array leaves (e.g. the bools of a trainable mask) are per-block already
+                blocks[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r] if np.ndim(x) else x, stacked)
     return blocks
 
 
