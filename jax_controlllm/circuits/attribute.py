@@ -96,7 +96,7 @@ def plain_run(structure: Structure, weights: dict, ids: jax.Array) -> RunOutput:
 def _difference(corrupted: RunOutput, clean: RunOutput) -> RunOutput:
     """delta = corrupted - clean for the node outputs (what the taps contract with)."""
     raw = {k: corrupted.raw_heads[k] - clean.raw_heads[k] for k in clean.raw_heads}
-    return RunOutput(corrupted.sources - clean.sources, raw, clean.resid, [])
+    return RunOutput(corrupted.sources - clean.sources, raw, {}, clean.resid, [])
 
 
 @partial(jax.jit, static_argnames=("structure", "method", "ig_steps"))

@@ -35,11 +35,13 @@ class RunOutput:
     """One run's node outputs (as they enter the residual stream) and final state."""
     sources: jax.Array                 # [B, n_src, T, D] folded source outputs
     raw_heads: dict                    # branch number -> [B, H, T, D] unscaled heads of controlled blocks
+    folds: dict                        # branch number -> [B, T] merge weight folded into it (controlled blocks)
     resid: jax.Array                   # [B, T, D] residual stream after the last block (the logits input)
     block_resids: list                 # residual stream after each block, [B, T, D] each
 
 
-jax.tree_util.register_dataclass(RunOutput, data_fields=["sources", "raw_heads", "resid", "block_resids"],
+jax.tree_util.register_dataclass(RunOutput, data_fields=["sources", "raw_heads", "folds", "resid",
+                                                                      "block_resids"],
                                  meta_fields=[])
 
 
@@ -131,7 +133,7 @@ def run(structure: Structure, weights: dict, embeds: jax.Array, reader) -> RunOu
     cos, sin = rotary(structure, embeds.shape[1])
     resid = embeds
     chunks = [embeds[:, None]]              # folded source outputs so far, in source order
-    raw_heads, block_resids = {}, []
+    raw_heads, folds, block_resids = {}, {}, []
     branch_iter = iter(graph.branches)
     for spec, block in zip(structure.blocks, weights["blocks"]):
         outputs = []                         # (branch number, heads [B,H,T,D], mlp [B,T,D]) per branch
@@ -151,12 +153,15 @@ def run(structure: Structure, weights: dict, embeds: jax.Array, reader) -> RunOu
             w_p = 1 - w_e
             folded = [(heads_p * _per_head(w_p), m_p * w_p), (heads_e * _per_head(w_e), m_e * w_e)]
             raw_heads[n_p], raw_heads[n_e] = heads_p, heads_e
+            token_shape = resid.shape[:2]
+            folds[n_p] = jnp.broadcast_to(jnp.reshape(w_p, w_p.shape[:2]), token_shape).astype(jnp.float32)
+            folds[n_e] = jnp.broadcast_to(jnp.reshape(w_e, w_e.shape[:2]), token_shape).astype(jnp.float32)
         for heads, m in folded:
             chunks += [heads, m[:, None]]
             resid = resid + heads.sum(1) + m
         block_resids.append(resid)
     resid = reader.logits(resid, chunks)
-    return RunOutput(jnp.concatenate(chunks, axis=1), raw_heads, resid, block_resids)
+    return RunOutput(jnp.concatenate(chunks, axis=1), raw_heads, folds, resid, block_resids)
 
 
 def _per_head(w: jax.Array) -> jax.Array:
@@ -166,7 +171,8 @@ def _per_head(w: jax.Array) -> jax.Array:
 
 def last_position(x: jax.Array, last: jax.Array) -> jax.Array:
     """x [B, T, ...] at position last[b] for each row -> [B, ...]."""
-    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    index = last.reshape((-1, 1) + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
 def final_logits(structure: Structure, weights: dict, resid_last: jax.Array) -> jax.Array:
