@@ -140,3 +140,26 @@ def test_bos_and_document_end_follow_the_tokenizer_family(corpus, tmp_path):
     no_bos = next(make_data_iterator(pretrain(corpus, shuffle=False, add_bos=False, add_eos=False), llama_like, 1,
                                      512, seed=0))["input_ids"][0]
     assert bos not in no_bos and end not in no_bos
+
+
+def test_prefetching_does_not_change_batches_or_state(corpus, tokenizer):
+    plain = make_data_iterator(pretrain(corpus, prefetch=0), tokenizer, 4, 32, seed=5)
+    ahead = make_data_iterator(pretrain(corpus, prefetch=3), tokenizer, 4, 32, seed=5)
+    assert type(plain).__name__ == "DataIterator" and type(ahead).__name__ == "PrefetchingIterator"
+    assert_same(take(ahead, 4), take(plain, 4))
+    # the state is that of the batches handed out, not of those the thread prepared ahead
+    assert ahead.get_state() == plain.get_state() and ahead.stats == plain.stats
+    expected = take(plain, 3)
+    fresh = make_data_iterator(pretrain(corpus, prefetch=0), tokenizer, 4, 32, seed=5)
+    fresh.set_state(ahead.get_state())
+    assert_same(take(fresh, 3), expected)
+    ahead.close()                                          # stopping the thread loses nothing
+    assert_same(take(ahead, 3), expected)
+
+
+def test_prefetching_surfaces_data_errors(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{broken\n')
+    it = make_data_iterator(DataConfig.from_dict({"sources": [str(path)], "prefetch": 2}), tokenizer, 1, 64, 0)
+    with pytest.raises(DataError, match="bad.jsonl:2: malformed JSON"):
+        next(it)

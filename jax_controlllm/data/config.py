@@ -95,6 +95,7 @@ class DataConfig:
     eval_split: Optional[str] = None                 # eval split for TFDS / save_to_disk sources
     eval_sources: list = field(default_factory=list) # separate eval data (SourceConfig entries); overrides both
     tokenize_chunk: int = 128                        # documents tokenised per call (speed only)
+    prefetch: int = 2                                # batches prepared ahead by a thread (0: none)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "data") -> "DataConfig":
@@ -126,6 +127,8 @@ class DataConfig:
             raise ConfigError(f"{where}.holdout_fraction: must be in [0, 0.5), got {self.holdout_fraction}")
         if self.max_record_bytes < 1:
             raise ConfigError(f"{where}.max_record_bytes: must be positive, got {self.max_record_bytes}")
+        if self.prefetch < 0:
+            raise ConfigError(f"{where}.prefetch: must be >= 0, got {self.prefetch}")
         if self.tokenize_chunk < 1:
             raise ConfigError(f"{where}.tokenize_chunk: must be positive, got {self.tokenize_chunk}")
 

@@ -24,6 +24,7 @@ from jax_controlllm.data.config import DataConfig
 from jax_controlllm.data.documents import DocumentCursor, DocumentReader
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.pack import Packer, empty_rows, write_row
+from jax_controlllm.data.prefetch import PrefetchingIterator
 from jax_controlllm.data.stream import Stream, eval_stream, train_stream
 from jax_controlllm.data.tokenize import load_tokenizer, token_policy
 
@@ -115,7 +116,8 @@ class DataIterator:
     def _fingerprint(self, stream: Stream, seed: int, split: str) -> dict:
         """What determines the stream; a state only resumes on an iterator with the same fingerprint."""
         settings = {k: v for k, v in dataclasses.asdict(self.data).items()
-                    if k not in ("sources", "eval_sources", "tokenizer", "skip_bad_records", "tokenize_chunk")}
+                    if k not in ("sources", "eval_sources", "tokenizer", "skip_bad_records", "tokenize_chunk",
+                                 "prefetch")}
         fingerprint = {"split": split, "seed": seed, "seq_len": self.seq_len, "shard_by": self.shard_by,
                        "parts": stream.parts, "settings": settings,
                        "tokens": {"vocab_size": len(self.tokenizer), **self.policy.describe(self.tokenizer)}}
@@ -147,9 +149,13 @@ def _short(value) -> str:
 
 def make_data_iterator(data_config: DataConfig, tokenizer_dir_or_tokenizer=None, global_batch_size: int = 8,
                        seq_len: int = 512, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                       split: str = "train") -> DataIterator:
+                       split: str = "train"):
     """This process's batches of ``data_config``: infinite and shuffled for ``split="train"``, one
-    ordered pass over the held-out data for ``split="eval"`` (see ``make_eval_iterator``)."""
+    ordered pass over the held-out data for ``split="eval"`` (see ``make_eval_iterator``).
+
+    Returns a ``DataIterator``, wrapped in a ``PrefetchingIterator`` (same interface) when
+    ``data_config.prefetch > 0``.
+    """
     if isinstance(data_config, dict):
         data_config = DataConfig.from_dict(data_config)
     if split not in ("train", "eval"):
@@ -160,12 +166,13 @@ def make_data_iterator(data_config: DataConfig, tokenizer_dir_or_tokenizer=None,
         stream, shard_by = eval_stream(data_config), "rows"
     else:
         stream, shard_by = train_stream(data_config, seed), data_config.shard_by
-    return DataIterator(stream, data_config, tokenizer, global_batch_size, seq_len, seed, process_index,
-                        process_count, shard_by, split)
+    iterator = DataIterator(stream, data_config, tokenizer, global_batch_size, seq_len, seed, process_index,
+                            process_count, shard_by, split)
+    return PrefetchingIterator(iterator, data_config.prefetch) if data_config.prefetch else iterator
 
 
 def make_eval_iterator(data_config: DataConfig, tokenizer_dir_or_tokenizer=None, global_batch_size: int = 8,
-                       seq_len: int = 512, process_index: int = 0, process_count: int = 1) -> DataIterator:
+                       seq_len: int = 512, process_index: int = 0, process_count: int = 1):
     """One pass over the held-out data (holdout_fraction / eval_split / eval_sources), in order.
 
     Every process yields the same number of batches; the last is padded with empty rows
