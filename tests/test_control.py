@@ -128,12 +128,20 @@ def test_hybrid_layout_matches_release_description(base):
     assert kinds == [("llama", False), ("llama", False), ("llama", True), ("llama", False), ("controlled", False)]
 
 
-def test_every_kth_layer_controlled_compiles_as_one_scan():
-    config = tiny(num_hidden_layers=8)
-    params = init_params(config, jax.random.PRNGKey(0))
-    config2, _ = expand(config, params, ExpansionConfig("concat", 2, merge_method="dlerp"), jax.random.PRNGKey(0))
-    segs = segment_of(config2)
-    assert len(segs) == 1 and segs[0].repeats == 2 and len(segs[0].pattern) == 4
+def test_every_kth_layer_controlled_compiles_as_a_scan_over_groups():
+    """Compiled block bodies and segments do not grow with depth: 32 and 64 layers give the same structure."""
+    structures = []
+    for layers in (32, 64):
+        config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=layers,
+                             num_attention_heads=2)
+        from jax_controlllm.model.control import expanded_config
+        config2 = expanded_config(config, ExpansionConfig("concat", layers // 4))
+        segs = segment_of(config2)
+        structures.append([(len(s.pattern), s.repeats * 4 // layers) for s in segs if s.repeats > 1])
+        assert sum(len(s.pattern) for s in segs) <= 6 and len(segs) <= 3
+    # the frozen prefix (layers 0-2) is its own segment: it needs no backward pass
+    assert [b.kind for b in segs[0].pattern] == ["llama"] and segs[0].repeats == 3
+    assert segs[-1].repeats == 64 // 4 - 1 and [b.kind for b in segs[-1].pattern].count("controlled") == 1
 
 
 @pytest.mark.parametrize("method", ["lerp", "dlerp", "moe", "slerp", "proj"])

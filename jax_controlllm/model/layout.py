@@ -127,7 +127,15 @@ def controlled_indices(config: ModelConfig) -> list[int]:
 
 
 def segment_of(config: ModelConfig) -> list[Segment]:
-    return segments(layer_plan(config), scan=config.scan_layers)
+    """Segments of the model. The frozen prefix below the first trainable block gets segments of its own:
+    nothing there needs a backward pass, and a scan body shared with trainable blocks would run one."""
+    plan = layer_plan(config)
+    first = first_trainable_block(config)
+    if not first:
+        return segments(plan, scan=config.scan_layers)
+    head = segments(plan[:first], scan=config.scan_layers)
+    tail = segments(plan[first:], scan=config.scan_layers)
+    return head + [Segment(s.start + first, s.pattern, s.repeats) for s in tail]
 
 
 def first_trainable_block(config: ModelConfig) -> Optional[int]:

@@ -117,12 +117,24 @@ def attention_weights_xla(q, k, v, mask):
 
 
 def attention_weights_cudnn(q, k, v, ctx: Context):
-    """Fused attention (cuDNN flash) on GPU. Packed documents are kept apart by the segment mask."""
+    """Fused attention (cuDNN flash) on GPU, causal. Rows holding one document each (the common case of
+    unpacked data) take the fast causal kernel; packed rows take cuDNN with the dense segment mask (about
+    half the speed). The choice is made per batch at run time, so one compiled step serves both."""
     if ctx.cache_index is not None or ctx.mask is None:
         return attention_weights_xla(q, k, v, ctx.mask)
-    if ctx.segment_ids is None:
+
+    def causal(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=ctx.mask, implementation="cudnn")
+
+    if ctx.segment_ids is None:
+        return causal(q, k, v)
+
+    def masked(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=ctx.mask, implementation="cudnn")
+
+    seg = ctx.segment_ids
+    one_document = jnp.all((seg == seg[:, :1]) & (seg > 0))
+    return jax.lax.cond(one_document, causal, masked, q, k, v)
 
 
 def self_attention(p: dict, x: jax.Array, ctx: Context, cache: Optional[dict]):
