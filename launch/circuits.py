@@ -1,0 +1,136 @@
+"""Knowledge circuits across training checkpoints, and the synthetic knowledge corpus they are studied on.
+
+    python -m launch.circuits CKPT [CKPT ...] --entities DATA/entities.jsonl --out OUT [--attribute city]
+        [--top-n 200] [--method EAP-IG] [--ig-steps 5] [--batch-size 16] [--max-pairs 64] [--kind new]
+    python -m launch.circuits corpus --out DATA [--n-new 40] [--n-revised 10] [--seed 0]
+
+CKPT: Hugging Face directories (e.g. exported with save_hf), Orbax run directories (every saved step is a
+checkpoint), step directories or exports, oldest first. The prompt pairs are built from the entities file
+(written by the ``corpus`` command next to corpus.jsonl and probes.jsonl) with the first checkpoint's
+tokenizer (or --tokenizer). Writes OUT/evolution.json, OUT/pairs.json and PNG plots (see
+jax_controlllm/circuits/plots.py); docs/circuits.md explains every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jax_controlllm.config import ConfigError
+
+
+def parse_evolve_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.circuits", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories, oldest first")
+    p.add_argument("--entities", required=True, help="entities.jsonl written by `python -m launch.circuits corpus`")
+    p.add_argument("--out", required=True, help="output directory for evolution.json, pairs.json and plots")
+    p.add_argument("--attribute", default="city", help="which attribute's queries to trace")
+    p.add_argument("--kind", choices=["new", "revised", "all"], default="all", help="which entities")
+    p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the first checkpoint's)")
+    p.add_argument("--bos-id", type=int, help="token id prepended to every prompt (default: config bos_token_id; "
+                                              "-1 for none)")
+    p.add_argument("--max-pairs", type=int, default=64, help="at most this many prompt pairs")
+    p.add_argument("--top-n", type=int, default=200, help="edges kept before pruning")
+    p.add_argument("--method", choices=["EAP", "EAP-IG"], default="EAP-IG")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--hit-k", type=int, default=10)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairing")
+    return p.parse_args(argv)
+
+
+def parse_corpus_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.circuits corpus",
+                                description="write corpus.jsonl, probes.jsonl and entities.jsonl",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n-new", type=int, default=40, help="fictional entities")
+    p.add_argument("--n-revised", type=int, default=10, help="known people with revised attributes")
+    p.add_argument("--max-frequency", type=int, default=8, help="documents per entity: 1..this, long-tailed")
+    p.add_argument("--held-out-phrasing", action="store_true", help="keep the query wording out of the corpus")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def load_tokenizer(path: Path):
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if file.is_file():
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(str(file))
+    raise ConfigError(f"no tokenizer.json at {path}; pass --tokenizer with a tokenizer directory or file")
+
+
+def corpus_command(argv) -> int:
+    from jax_controlllm.knowledge import CorpusConfig, EntityConfig, build_knowledge_dataset
+    args = parse_corpus_args(argv)
+    config = CorpusConfig(EntityConfig(n_new=args.n_new, n_revised=args.n_revised,
+                                       max_frequency=args.max_frequency, seed=args.seed),
+                          held_out_phrasing=args.held_out_phrasing, seed=args.seed)
+    for name, path in build_knowledge_dataset(args.out, config).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def evolve_command(argv) -> int:
+    from jax_controlllm.circuits.checkpoints import checkpoint_refs
+    from jax_controlllm.circuits.evolution import EvolutionSettings, analyze_evolution
+    from jax_controlllm.circuits.plots import plot_evolution
+    from jax_controlllm.knowledge import load_entities, make_prompt_pairs
+
+    args = parse_evolve_args(argv)
+    refs = checkpoint_refs(args.checkpoints, args.dtype)
+    entities = [e for e in load_entities(args.entities) if args.kind in ("all", e.kind)]
+    tokenizer_path = args.tokenizer or args.checkpoints[0]
+    tokenizer = load_tokenizer(Path(tokenizer_path))
+    settings = EvolutionSettings(top_n=args.top_n, method=args.method, ig_steps=args.ig_steps,
+                                 batch_size=args.batch_size, hit_k=args.hit_k, dtype=args.dtype)
+    cache = {}
+
+    def pairs_for(config):
+        """Built once, from the first checkpoint's config (BOS id) and the tokenizer."""
+        if "pairs" not in cache:
+            bos = config.bos_token_id if args.bos_id is None else (None if args.bos_id < 0 else args.bos_id)
+            cache["pairs"] = make_prompt_pairs(entities, args.attribute, tokenizer, bos_id=bos,
+                                               pad_id=config.pad_token_id or 0, seed=args.seed,
+                                               max_pairs=args.max_pairs)
+        return cache["pairs"]
+
+    evolution = analyze_evolution(refs, pairs_for, settings, progress=lambda m: print(m, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evolution.json").write_text(json.dumps(evolution.to_dict(), indent=1))
+    pairs = cache["pairs"]
+    (out / "pairs.json").write_text(json.dumps({
+        "attribute": args.attribute, "clean": [q.prompt for q in pairs.clean],
+        "corrupted": [q.prompt for q in pairs.corrupted], "clean_answer": [q.answer for q in pairs.clean],
+        "corrupted_answer": [q.answer for q in pairs.corrupted], "clean_ids": pairs.clean_ids.tolist(),
+        "corrupted_ids": pairs.corrupted_ids.tolist(), "lengths": pairs.lengths.tolist(),
+        "clean_label": pairs.clean_label_ids.tolist(), "corrupted_label": pairs.corrupted_label_ids.tolist()},
+        indent=1))
+    plots = plot_evolution(evolution, out)
+    for c in evolution.checkpoints:
+        hits = "-" if c.hit_at_k is None else f"{c.hit_at_k:.2f}"
+        print(f"{c.name}: {c.n_edges} edges, {c.n_nodes} nodes, faithfulness {c.faithfulness:.3f}, "
+              f"Hit@{args.hit_k} {hits} (model {c.model_hit_at_k:.2f})")
+    print(f"phase change at {evolution.checkpoints[evolution.phase_change].name}; wrote {out / 'evolution.json'}, "
+          + ", ".join(str(p) for p in plots.values()))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["corpus"]:
+            return corpus_command(argv[1:])
+        return evolve_command(argv)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

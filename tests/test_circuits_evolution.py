@@ -1,0 +1,106 @@
+"""End to end: a tiny random Llama trained a few steps on a generated knowledge corpus (word tokenizer),
+saved as Hugging Face checkpoints, analysed by ``python -m launch.circuits``."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_controlllm.circuits.evolution import jaccard, layer_activation_ratio, phase_change
+from jax_controlllm.circuits.circuit import circuit_from_edges
+from jax_controlllm.circuits.graph import Graph
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.knowledge import (BOS_ID, CorpusConfig, EntityConfig, build_knowledge_dataset,
+                                      build_word_tokenizer, read_jsonl, save_word_tokenizer)
+
+
+def _train_and_save(tmp_path, steps=(0, 15, 30)):
+    data = build_knowledge_dataset(tmp_path / "data", CorpusConfig(EntityConfig(n_new=10, n_revised=2,
+                                                                                max_frequency=3, seed=1)))
+    docs = [row["text"] for row in read_jsonl(data["corpus"])]
+    tokenizer = build_word_tokenizer(docs)
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=BOS_ID, pad_token_id=0)
+    from jax_controlllm.convert import save_hf
+    from jax_controlllm.model import forward, init_params
+
+    stream = np.concatenate([[BOS_ID] + tokenizer.encode(d).ids for d in docs])
+    seq = 32
+    batches = stream[:len(stream) // seq * seq].reshape(-1, seq)
+    params = init_params(config, jax.random.PRNGKey(0))
+    optimizer = optax.adam(3e-3)
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, state, ids):
+        def loss(p):
+            logits = forward(config, p, ids[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    dirs, losses = [], []
+    for i in range(steps[-1] + 1):
+        if i in steps:
+            out = tmp_path / f"step_{i:03d}"
+            save_hf(config, params, out)
+            save_word_tokenizer(tokenizer, out)
+            dirs.append(out)
+        if i < steps[-1]:
+            params, state, value = step(params, state, jnp.asarray(batches[i % len(batches)][None]))
+            losses.append(float(value))
+    assert losses[-1] < losses[0]
+    return data, dirs
+
+
+@pytest.mark.slow
+def test_launch_circuits_end_to_end(tmp_path):
+    from launch.circuits import main
+    data, dirs = _train_and_save(tmp_path)
+    out = tmp_path / "circuits"
+    code = main([str(d) for d in dirs] + ["--entities", str(data["entities"]), "--out", str(out), "--top-n", "40",
+                                          "--ig-steps", "2", "--max-pairs", "12", "--batch-size", "8"])
+    assert code == 0
+    result = json.loads((out / "evolution.json").read_text())
+    cps = result["checkpoints"]
+    assert [c["name"] for c in cps] == [d.name for d in dirs]
+    assert result["edge_jaccard"][-1] == 1.0 and result["node_jaccard"][-1] == 1.0
+    assert 0 <= result["phase_change"] < len(cps)
+    for c in cps:
+        assert len(c["layer_activation_ratio"]) == 3 and len(c["lens_probability"]) == 2
+        assert c["n_edges"] <= 40 and np.isfinite(c["faithfulness"])
+        assert set(h["class"] for h in c["head_classes"].values()) <= {"mover", "relation", "mixture"}
+        assert all(name.startswith("a") for name in c["head_classes"])
+    for name in ("layer_activation", "logit_lens", "metrics", "head_classes"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert all(a != b for a, b in zip(pairs["clean_label"], pairs["corrupted_label"]))
+    assert main(["corpus", "--out", str(tmp_path / "again"), "--n-new", "3", "--n-revised", "1"]) == 0
+
+
+def test_cli_reports_bad_checkpoints(tmp_path, capsys):
+    from launch.circuits import main
+    assert main([str(tmp_path / "missing"), "--entities", "x.jsonl", "--out", str(tmp_path)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--entities", "x.jsonl", "--out", str(tmp_path)]) == 1
+    assert "not a Hugging Face directory" in capsys.readouterr().err
+
+
+def test_evolution_summaries():
+    assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3) and jaccard([], []) == 1.0
+    assert phase_change([0.1, 0.8, 0.5, 0.75, 0.9, 1.0], 0.7) == 3
+    assert phase_change([0.1, 0.2, 1.0], 0.7) == 2
+    graph = Graph(1, ("llama", "llama"))
+    mask = np.zeros_like(graph.valid)
+    mask[0, graph.destination_index("a1.h0<q>")] = mask[0, graph.logits] = True
+    ratio = layer_activation_ratio(circuit_from_edges(graph, mask, prune=False))
+    valid_l1 = graph.valid[:, graph.destination_layer == 1].sum()
+    assert ratio == [0.0, 1 / valid_l1, 1 / graph.n_sources]
