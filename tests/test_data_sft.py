@@ -71,6 +71,10 @@ def test_only_assistant_tokens_are_trained_smollm2(smollm2_hf_dir, chat_file):
     ids = row["input_ids"][0][row["segment_ids"][0] > 0]
     text = tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False)
     assert ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # SmolLM2's pre-training convention: no BOS, documents end with <|endoftext|>
+    from jax_controlllm.data.tokenize import token_policy
+    policy = token_policy(tokenizer, DataConfig.from_dict({"sources": ["x.jsonl"]}))
+    assert policy.describe(tokenizer) == {"bos": None, "end": "<|endoftext|>", "pad": "<|im_end|>"}
 
 
 def test_prompt_response_fields(tmp_path):
