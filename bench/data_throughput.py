@@ -73,6 +73,7 @@ def measure_pipeline(config: dict, tokenizer, seconds: float, batch: int, seq_le
 
 def measure_tokenizer(tokenizer, texts: list[str], chunk: int = 128) -> dict:
     backend = tokenizer.backend_tokenizer
+    backend.encode_batch(texts[:chunk], add_special_tokens=False)     # warm up
     start, tokens = time.perf_counter(), 0
     for i in range(0, len(texts), chunk):
         tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + chunk], add_special_tokens=False))
@@ -103,10 +104,13 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "cores_total": os.cpu_count(), "platform": platform.platform()}
+            "cores_total": os.cpu_count(), "platform": platform.platform(),
+            # other jobs on the machine slow a one-core measurement down: record how busy it was
+            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def main(argv=None) -> dict:
+    load_before = machine()["load_average_1m"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", help="tokenizer directory (default: SmolLM2 from the bundled GGUF)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per mode")
@@ -134,7 +138,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "data_throughput", "what": "tokenise + pack tokens/s (non-padding tokens) on one CPU core",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "tokenizer": args.tokenizer or "SmolLM2-135M-Instruct (bundled GGUF)",
-              "corpus": f"{len(docs)} documents of <= {DOC_CHARS} chars from the Python {platform.python_version()} "
+              "load_average_1m_before": load_before, "corpus": f"{len(docs)} documents of <= {DOC_CHARS} chars from the Python {platform.python_version()} "
                         f"stdlib sources", "machine": machine(), "versions": versions(), "results": results}
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
