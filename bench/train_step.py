@@ -1,0 +1,192 @@
+"""Training-step throughput of the library's real step (``jax_controlllm.train.build_trainer``).
+
+    python bench/train_step.py --preset w1 --batch 2 --remat none          # one configuration, prints JSON
+    python bench/train_step.py --preset w1 --sweep --record bench/results/h100_train_step.json
+    python bench/train_step.py --preset smoke                              # tiny shape, CPU smoke run
+
+Workload W1 (shared/reference/performance/peer_controlllm_h100.json): Llama-3.1-8B shape, random weights,
+concat expansion of 8 layers (3, 7, ..., 31), dlerp (gate bias frozen), mse divergence lambda 1, frozen weights
+bf16, trainable fp32 master weights, bf16 compute, AdamW + clipping, seq 4096, one optimizer step per batch,
+random tokens (labels = inputs, no padding).
+
+FLOPs per token of the required work (``jax_controlllm.train.metrics.flops_per_token``):
+    forward of every layer instance (pretrained and expanded branches) and the LM head
+  + input gradients only from the first trainable layer up (and the LM head)
+  + weight gradients only for trainable weights,
+with a layer = 2 * (H * (2 q_width + 2 kv_width) + 3 H * I) per token and causal attention
+2 * 2 * S * q_width / 2. Remat recomputation is not counted. MFU = FLOPs/token * tokens/s / 989e12 (H100 bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEER_BEST = 12057.7          # tokens/s, peer_controlllm_h100.json: peer_best_any_setting
+PEER_RECIPE = 9715.3         # tokens/s, release_recipe_best
+H100_PEAK = 989e12
+
+PRESETS = {
+    "w1": {
+        "model": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                      rope_theta=500000.0, rms_norm_eps=1e-5,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=8192),
+                      param_dtype="float32", frozen_dtype="bfloat16", compute_dtype="bfloat16"),
+        "expansion": dict(expand_type="concat", num_exp_layers=8, merge_method="dlerp", interpolation_factor=0.0,
+                          freeze_interpolation_factor=True, interpolation_loss_type="mse",
+                          interpolation_loss_alpha=1.0),
+        "seq_len": 4096,
+    },
+    "smoke": {
+        "model": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      param_dtype="float32", frozen_dtype="bfloat16", compute_dtype="bfloat16"),
+        "expansion": dict(expand_type="concat", num_exp_layers=2, merge_method="dlerp"),
+        "seq_len": 128,
+    },
+}
+
+# Configurations measured by --sweep on a GPU (each in a fresh process so memory does not carry over).
+SWEEP = [
+    dict(batch=1, remat="none", attention="cudnn", loss_chunk=0),
+    dict(batch=2, remat="none", attention="cudnn", loss_chunk=1024),
+    dict(batch=2, remat="save_dots_no_batch", attention="cudnn", loss_chunk=1024),
+    dict(batch=4, remat="full", attention="cudnn", loss_chunk=1024),
+    dict(batch=2, remat="full", attention="cudnn", loss_chunk=1024),
+    dict(batch=1, remat="none", attention="xla", loss_chunk=0),
+]
+
+
+def run_config(args) -> "RunConfig":
+    from jax_controlllm.config import load_config
+
+    preset = PRESETS[args.preset]
+    model = {**preset["model"], "remat": args.remat, "attention_impl": args.attention, "loss_chunk": args.loss_chunk}
+    data = {"model": model, "expansion": preset["expansion"],
+            "train": dict(mode="controlllm", steps=args.warmup + args.steps, batch_size=args.batch, grad_accum=1,
+                          seq_len=preset["seq_len"], lr=5e-5, min_lr=1e-5, warmup_steps=1000, weight_decay=0.01,
+                          clip_grad_norm=1.0, async_checkpoint=False),
+            "data": {"source": "synthetic"}, "mesh": {"shape": "1"}}
+    return load_config(data=data)
+
+
+def versions() -> dict:
+    import jax
+    out = {"jax": jax.__version__, "python": platform.python_version()}
+    for name in ("jaxlib", "optax", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return out
+
+
+def measure(args) -> dict:
+    import jax
+    import numpy as np
+
+    from jax_controlllm.sharding import make_mesh
+    from jax_controlllm.train import build_trainer
+    from jax_controlllm.train.metrics import flops_per_token
+
+    run = run_config(args)
+    mesh = make_mesh("1")
+    t0 = time.perf_counter()
+    trainer = build_trainer(run, mesh)
+    seq = run.train.seq_len
+    rng = np.random.default_rng(0)
+
+    def batch():
+        ids = rng.integers(0, run.model.vocab_size, size=(args.batch, seq), dtype=np.int32)
+        host = {"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
+                "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy()}
+        return {k: jax.device_put(v, trainer.shardings.batch[k]) for k, v in host.items()}
+
+    batches = [batch() for _ in range(2)]
+    state, times, losses = trainer.state, [], []
+    with jax.set_mesh(mesh):
+        compiled = trainer.step_fn
+        t_compile = time.perf_counter()
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, trainer.frozen, batches[i % 2])
+            loss = float(metrics["loss"])  # synchronises
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first_step = elapsed
+            if i >= args.warmup:
+                times.append(elapsed)
+                losses.append(loss)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    step_s = statistics.median(times)
+    tokens_per_s = args.batch * seq / step_s
+    fpt = flops_per_token(trainer.model_config, seq)
+    return {
+        "preset": args.preset, "batch": args.batch, "seq_len": seq, "remat": args.remat,
+        "attention": args.attention, "loss_chunk": args.loss_chunk,
+        "tokens_per_s": round(tokens_per_s, 1), "step_s_median": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times], "first_step_s_incl_compile": round(first_step, 2),
+        "setup_s": round(t_compile - t0, 2),
+        "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2 ** 30, 2) or None,
+        "flops_per_token": fpt, "model_flops_utilisation": round(fpt * tokens_per_s / H100_PEAK, 4),
+        "ratio_vs_peer_best": round(tokens_per_s / PEER_BEST, 3),
+        "ratio_vs_peer_release_recipe": round(tokens_per_s / PEER_RECIPE, 3),
+        "loss_first_last": [losses[0], losses[-1]], "device": device.device_kind, "platform": device.platform,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions(),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def sweep(args) -> list[dict]:
+    rows = []
+    for item in SWEEP:
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--batch", str(item["batch"]), "--remat", item["remat"], "--attention",
+               item["attention"], "--loss-chunk", str(item["loss_chunk"])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("{")), None)
+        row = json.loads(line) if line else {**item, "error": (proc.stderr or proc.stdout)[-1500:]}
+        row["command"] = "python bench/train_step.py " + " ".join(cmd[2:])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_dots_no_batch"])
+    p.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
+    p.add_argument("--loss-chunk", type=int, default=0)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sweep", action="store_true", help="run the SWEEP configurations, each in a new process")
+    p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--record", help="append the JSON rows to this results file (a JSON list)")
+    args = p.parse_args(argv)
+    if args.attention == "cudnn" and args.preset == "smoke":
+        import jax
+        if jax.devices()[0].platform != "gpu":
+            args.attention = "xla"  # cuDNN exists only on NVIDIA GPUs
+    rows = sweep(args) if args.sweep else [measure(args)]
+    if not args.sweep:
+        print(json.dumps(rows[0]))
+    if args.record:
+        path = Path(args.record)
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(old + rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
