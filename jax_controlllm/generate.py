@@ -1,0 +1,436 @@
+"""KV-cache text generation for plain and Control LLM-expanded Llama models.
+
+Decoding runs in two jitted pieces over a fixed-size cache of key/value *slots*:
+
+    prefill:  the whole (left-padded) prompt batch in one call, keys/values written to slots [0, P)
+    step:     one token per row, written to slot P + i; attends over every filled, non-padding slot
+
+Prompts are left-padded to a common bucketed length P, so every row writes the same slot at each step
+(one scalar ``cache_index``) while positions stay per row (they count real tokens only). A controlled
+layer keeps the cache of both of its branches (the cache pytree mirrors ``params["layers"]``). Shapes are
+bucketed (batch to a power of two, P to a multiple of 16, cache length to a multiple of 64), so a session
+compiles one step function per (batch, cache length) bucket. The host loop around the jitted step is plain
+Python, so callers can stream text and stop on strings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.layout import segment_of
+from jax_controlllm.model.llama import Context, apply_blocks, embed, logits_from_hidden, rms_norm, rope_tables
+from jax_controlllm.model.params import block_key, segment_key
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, bad sampling value, no tokenizer); the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy (argmax); top_k 0 and top_p 1 are off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> "Sampling":
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        return self
+
+    @property
+    def rule(self) -> tuple[float, int, float]:
+        """The parts that shape the compiled sampler (the seed does not)."""
+        return (float(self.temperature), int(self.top_k), float(self.top_p))
+
+
+GREEDY = Sampling()
+
+
+def sample_next(logits: jax.Array, rng: jax.Array, rule: tuple[float, int, float]) -> jax.Array:
+    """Next token ids [B] from float32 logits [B, V] under (temperature, top_k, top_p)."""
+    temperature, top_k, top_p = rule
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        # keep the smallest set of most likely tokens whose mass reaches top_p (always at least one)
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache and the two jitted pieces
+# ----------------------------------------------------------------------------------------------
+
+class Static:
+    """Lets a (mutable, unhashable) ModelConfig be a static jit argument: equal configs share compilations."""
+
+    def __init__(self, value):
+        self.value = value
+        self._key = repr(value)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, Static) and other._key == self._key
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
+    """Zeroed key/value slots mirroring ``params["layers"]``: [repeats, B, T, kv_heads, head_dim] per block,
+    and for a controlled block one such pair per branch."""
+    dtype = jnp.dtype(config.compute_dtype)
+
+    def kv(repeats: int) -> dict:
+        shape = (repeats, batch, length, config.num_key_value_heads, config.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    cache = {}
+    for i, seg in enumerate(segment_of(config)):
+        cache[segment_key(i)] = {
+            block_key(j): kv(seg.repeats) if block.kind == "llama"
+            else {"pretrained_layer": kv(seg.repeats), "expanded_layer": kv(seg.repeats)}
+            for j, block in enumerate(seg.pattern)}
+    return cache
+
+
+def _cache_length(cache: dict) -> int:
+    return jax.tree.leaves(cache)[0].shape[2]       # leaves are [repeats, B, T, kv_heads, head_dim]
+
+
+def _last_logits(config, params, ids, positions, mask, token_mask, cache, index):
+    """Run a chunk through the model against the cache; logits [B, V] of the chunk's last position."""
+    cos, sin = rope_tables(config, positions)
+    ctx = Context(config, cos, sin, mask, token_mask.astype(jnp.float32), None,
+                  cache_index=jnp.asarray(index, jnp.int32))
+    h, cache, _ = apply_blocks(config, params["layers"], embed(config, params, ids), ctx, cache)
+    h = rms_norm(h[:, -1:], params["norm"], config.rms_norm_eps)
+    return logits_from_hidden(config, params, h)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _prefill(static: Static, rule, params, cache, ids, valid, rng):
+    """Left-padded prompts [B, P] (valid marks real tokens) -> (first new token [B], cache, slot_valid [B, T])."""
+    config = static.value
+    p, t = ids.shape[1], _cache_length(cache)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    slot_valid = jnp.zeros((ids.shape[0], t), bool).at[:, :p].set(valid)
+    causal = jnp.arange(t)[None, :] <= jnp.arange(p)[:, None]                      # [P, T]
+    mask = causal[None, None] & slot_valid[:, None, None, :]                        # [B, 1, P, T]
+    logits, cache = _last_logits(config, params, ids, positions, mask, valid, cache, 0)
+    return sample_next(logits, rng, rule), cache, slot_valid
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _step(static: Static, rule, params, cache, tokens, positions, slot_valid, index, rng):
+    """Feed one token per row at slot ``index`` -> (next token [B], cache, slot_valid)."""
+    config = static.value
+    slot_valid = slot_valid.at[:, index].set(True)
+    visible = jnp.arange(slot_valid.shape[1])[None, :] <= index
+    mask = (visible & slot_valid)[:, None, None, :]                                 # [B, 1, 1, T]
+    ones = jnp.ones(tokens.shape + (1,), jnp.float32)
+    logits, cache = _last_logits(config, params, tokens[:, None], positions[:, None], mask, ones, cache, index)
+    return sample_next(logits, rng, rule), cache, slot_valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-level generation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Generated:
+    tokens: list[int]          # new tokens, without the EOS that ended them
+    finish_reason: str         # "eos" | "stop" (on_token asked to stop) | "length"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _batch_bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def eos_ids_of(config: ModelConfig, tokenizer=None) -> tuple[int, ...]:
+    """Every id that ends a generation: the model config's eos_token_id (int or list) and the tokenizer's."""
+    ids = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = list(ids) + [tokenizer.eos_token_id]
+    return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def generate_ids(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (), pad_id: int = 0,
+                 on_token: Optional[Callable[[int, int], bool]] = None) -> list[Generated]:
+    """Generate up to ``max_new_tokens`` for each prompt (lists of token ids, any lengths) in one batch.
+
+    ``on_token(row, token)`` is called for every new non-EOS token as it is produced (streaming); returning
+    True stops that row (e.g. a stop string appeared). Rows stop independently; the batch ends when all do.
+    """
+    sampling.validate()
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows:
+        return []
+    for i, row in enumerate(rows):
+        if not row:
+            raise GenerationError(f"prompt {i} is empty (no tokens); give at least one token")
+    longest = max(map(len, rows))
+    if longest + max_new_tokens > config.max_position_embeddings:
+        warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                      f"max_position_embeddings ({config.max_position_embeddings}); quality may degrade")
+    batch, prompt_len = _batch_bucket(len(rows)), _round_up(longest, 16)
+    cache_len = _round_up(prompt_len + max_new_tokens, 64)
+    ids = np.full((batch, prompt_len), pad_id, np.int32)
+    valid = np.zeros((batch, prompt_len), bool)
+    for i, row in enumerate(rows):
+        ids[i, prompt_len - len(row):], valid[i, prompt_len - len(row):] = row, True
+    ids[len(rows):, -1], valid[len(rows):, -1] = pad_id, True      # filler rows: one token, never read
+
+    static, rule, key = Static(config), sampling.rule, jax.random.PRNGKey(sampling.seed)
+    cache = init_cache(config, batch, cache_len)
+    tokens, cache, slot_valid = _prefill(static, rule, params, cache, jnp.asarray(ids), jnp.asarray(valid),
+                                         jax.random.fold_in(key, 0))
+    lengths = np.concatenate([[len(r) for r in rows], np.ones(batch - len(rows), int)]).astype(np.int32)
+    eos = set(int(e) for e in eos_ids)
+    out = [Generated([], "length") for _ in rows]
+    live = set(range(len(rows)))
+    for step in range(max_new_tokens):
+        pending = tokens
+        if step + 1 < max_new_tokens:   # dispatch the next step before reading this one: host work overlaps
+            tokens, cache, slot_valid = _step(static, rule, params, cache, pending,
+                                              jnp.asarray(lengths + step), slot_valid, prompt_len + step,
+                                              jax.random.fold_in(key, step + 1))
+        host = np.asarray(pending)
+        for row in sorted(live):
+            token = int(host[row])
+            if token in eos:
+                out[row].finish_reason = "eos"
+                live.discard(row)
+                continue
+            out[row].tokens.append(token)
+            if on_token is not None and on_token(row, token):
+                out[row].finish_reason = "stop"
+                live.discard(row)
+        if not live:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: tokenizers, chat templates, stop strings, streaming
+# ----------------------------------------------------------------------------------------------
+
+class TextStream:
+    """Incremental detokenisation of one row. ``push`` returns only text that is final: no half-decoded
+    UTF-8 character and nothing that might be the start of a stop string. A stop string ends the text
+    (it is not part of it)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.text, self.stopped = text[:min(hits)], True
+            return self._emit(len(self.text))
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))                       # an incomplete multi-byte character
+        for s in self.stop:                                     # a stop string may be starting
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        return self._emit(safe)
+
+    def finish(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta, self.emitted = self.text[self.emitted:upto], upto
+        return delta
+
+
+def chat_prompt(tokenizer, user: str, system: Optional[str] = None) -> str:
+    """The tokenizer's chat template applied to one user turn, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("the tokenizer has no chat template (a base model?); drop --chat / chat=True, "
+                              "or use a tokenizer directory whose tokenizer_config.json has a chat_template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str, templated: bool = False) -> list[int]:
+    """Token ids of ``text``. Plain text gets the tokenizer's own special tokens (e.g. BOS); a chat-templated
+    string already spells them out, so none are added."""
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    tokens: list[int]
+    finish_reason: str         # "eos" | "stop" (a stop string) | "length"
+
+
+def generate_text(config: ModelConfig, params: dict, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
+                  sampling: Sampling = GREEDY, stop: Sequence[str] = (), chat: bool = False,
+                  system: Optional[str] = None, batch_size: int = 32,
+                  on_text: Optional[Callable[[int, str], None]] = None) -> list[Completion]:
+    """Generate a completion for each prompt, in batches of ``batch_size``. ``chat`` wraps each prompt in
+    the tokenizer's chat template; ``on_text(prompt_index, new_text)`` streams final text as it comes."""
+    prompts = list(prompts)
+    texts = [chat_prompt(tokenizer, p, system) if chat else p for p in prompts]
+    for i, text in enumerate(texts):
+        if not text:
+            raise GenerationError(f"prompt {i} is empty; give some text to continue (or use chat=True)")
+    eos, pad = eos_ids_of(config, tokenizer), _pad_id(config, tokenizer)
+    results: list[Completion] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        streams = [TextStream(tokenizer, stop) for _ in chunk]
+
+        def on_token(row: int, token: int, streams=streams, start=start) -> bool:
+            delta = streams[row].push(token)
+            if delta and on_text is not None:
+                on_text(start + row, delta)
+            return streams[row].stopped
+
+        seeded = dataclasses.replace(sampling, seed=sampling.seed + start)
+        generated = generate_ids(config, params, [encode(tokenizer, t, chat) for t in chunk], max_new_tokens,
+                                 seeded, eos, pad, on_token)
+        for row, (stream, gen) in enumerate(zip(streams, generated)):
+            rest = stream.finish()
+            if rest and on_text is not None:
+                on_text(start + row, rest)
+            results.append(Completion(prompts[start + row], stream.text, gen.tokens, gen.finish_reason))
+    return results
+
+
+def _pad_id(config: ModelConfig, tokenizer=None) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), config.pad_token_id, *eos_ids_of(config), 0):
+        if candidate is not None and 0 <= int(candidate) < config.vocab_size:
+            return int(candidate)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a model and its tokenizer
+# ----------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def find_tokenizer_dir(model_path: str | Path) -> Optional[Path]:
+    """A tokenizer saved with (or beside) a model or checkpoint: the directory itself, its ``tokenizer/``
+    subdirectory, or the same in its parent and grandparent (a run directory holding ``checkpoints/N``)."""
+    path = Path(model_path)
+    for folder in (path, *list(path.parents)[:2]):
+        for candidate in (folder, folder / "tokenizer"):
+            if _has_tokenizer(candidate):
+                return candidate
+    return None
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """Key/value metadata of a GGUF file, without reading its tensors."""
+    from gguf import GGUFReader
+    reader = GGUFReader(Path(path), "r")
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def load_tokenizer(source: str | Path):
+    """A Hugging Face fast tokenizer from a model directory, a .gguf file or ``"smollm2"``."""
+    from transformers import AutoTokenizer
+
+    if str(source) == "smollm2" or str(source).endswith(".gguf"):
+        from jax_controlllm.convert.gguf import smollm2_gguf_path, tokenizer_files
+        path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
+        if not path.is_file():
+            raise GenerationError(f"tokenizer source {path} does not exist")
+        folder = Path(tempfile.mkdtemp(prefix="jcl-tokenizer-"))
+        for name, text in tokenizer_files(gguf_metadata(path), path).items():
+            (folder / name).write_text(text, encoding="utf-8")
+        return AutoTokenizer.from_pretrained(str(folder))
+    path = Path(source)
+    if not _has_tokenizer(path):
+        raise GenerationError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model); give a Hugging Face "
+                              "model directory, a .gguf file or 'smollm2'")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenizer_source_for(model: str | Path, tokenizer: Optional[str | Path] = None):
+    """Where the tokenizer for ``model`` comes from: an explicit source, the GGUF file / HF directory itself,
+    or a tokenizer saved beside one of our checkpoints."""
+    if tokenizer is not None:
+        return tokenizer
+    if str(model) == "smollm2" or str(model).endswith(".gguf"):
+        return model
+    found = find_tokenizer_dir(model) or _tokenizer_of_run(model)
+    if found is None:
+        raise GenerationError(f"no tokenizer found in or beside {model}; pass --tokenizer (tokenizer=) with a "
+                              "Hugging Face model directory, a .gguf file or 'smollm2'")
+    return found
+
+
+def _tokenizer_of_run(path: str | Path):
+    """For a training run (or one of its checkpoints) whose base model has the tokenizer: the run's
+    ``config.yaml`` names it as data.tokenizer or base.path."""
+    import yaml
+    path = Path(path)
+    for folder in (path, *list(path.parents)[:2]):
+        if (folder / "config.yaml").is_file():
+            run = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+            base = (run.get("base") or {}).get("path")
+            source = (run.get("data") or {}).get("tokenizer") or base
+            if source and (str(source) == "smollm2" or str(source).endswith(".gguf") or _has_tokenizer(Path(source))):
+                return source
+    return None
+
+
+def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None, dtype: Optional[str] = "float32"):
+    """(config, params, tokenizer) for an HF directory, a .gguf file, ``"smollm2"`` or one of our checkpoints."""
+    from jax_controlllm.convert.auto import load_pretrained
+
+    source = tokenizer_source_for(model, tokenizer)   # fail on a missing tokenizer before loading weights
+    config, params = load_pretrained(model, dtype=dtype)
+    return config, params, load_tokenizer(source)
