@@ -5,13 +5,15 @@
         [--eval-fraction 0.01]
 
 ``inspect`` takes a run config (its ``data``, ``train.batch_size``, ``train.seq_len``,
-``train.seed``) or a YAML holding just a data config (a mapping with ``sources``).
+``train.seed``, and the tokenizer training would use: ``data.tokenizer``, else the base
+model's) or a YAML holding just a data config (a mapping with ``sources``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from jax_controlllm.config import ConfigError, apply_overrides, load_config, read_yaml
@@ -20,24 +22,24 @@ from jax_controlllm.data.prepare import prepare_tfds
 from jax_controlllm.data.report import MASK_CLOSE, MASK_OPEN, format_row, packing_summary
 
 
-def _settings(args) -> tuple[DataConfig, dict]:
+def _settings(args, scratch: Path) -> tuple[DataConfig, dict]:
     """The data config and batch settings from --config (+ --set overrides) and the flags."""
     raw = read_yaml(args.config)
     train = {"batch_size": 8, "seq_len": 512, "seed": 0}
-    base_path = None
+    tokenizer = args.tokenizer
     if "sources" in raw:                                   # a bare data config
         data = DataConfig.from_dict(apply_overrides(raw, [o.removeprefix("data.") for o in args.set]))
+        tokenizer = tokenizer or data.tokenizer
     else:
         run = load_config(args.config, args.set)
         data = DataConfig.from_dict(run.data)
         train = {"batch_size": run.train.batch_size, "seq_len": run.train.seq_len, "seed": run.train.seed}
-        base_path = run.base.path
+        if tokenizer is None:                              # as training does: data.tokenizer, else the base model's
+            from jax_controlllm.train.data import tokenizer_source
+            tokenizer = tokenizer_source(run, scratch)
     for key in ("batch_size", "seq_len", "seed"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
-    tokenizer = args.tokenizer or data.tokenizer
-    if tokenizer is None and base_path and (Path(base_path) / "tokenizer.json").is_file():
-        tokenizer = base_path                              # a Hugging Face model directory
     if tokenizer is None:
         raise ConfigError("no tokenizer: set data.tokenizer (a local Hugging Face tokenizer directory) or pass "
                           "--tokenizer DIR")
@@ -46,7 +48,11 @@ def _settings(args) -> tuple[DataConfig, dict]:
 
 
 def inspect_command(args) -> None:
-    data, train = _settings(args)
+    with tempfile.TemporaryDirectory() as scratch:         # a GGUF base model's tokenizer is written here
+        _inspect(args, *_settings(args, Path(scratch)))
+
+
+def _inspect(args, data: DataConfig, train: dict) -> None:
     iterator = make_data_iterator(data, train["tokenizer"], train["batch_size"], train["seq_len"], train["seed"],
                                   split=args.split)
     print(f"# {args.split} batches of {train['batch_size']} x {train['seq_len']} tokens, mode {data.mode}, "

@@ -105,10 +105,9 @@ class DataConfig:
         data = dict(data)
         raw_sources = data.pop("sources", [])
         raw_eval_sources = data.pop("eval_sources", [])
-        config = from_dict(cls, data, where)
-        config.eval_sources = raw_eval_sources
+        config = from_dict(cls, data, where)     # the scalar fields, with typo suggestions
         config.sources = _sources_from(raw_sources, f"{where}.sources")
-        config.eval_sources = _sources_from(config.eval_sources, f"{where}.eval_sources")
+        config.eval_sources = _sources_from(raw_eval_sources, f"{where}.eval_sources")
         config.validate(where)
         return config
 
