@@ -142,6 +142,13 @@ def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: boo
                 step += 1
                 finite = bool(metrics["finite"])  # waits for the step: the stop decision needs it
                 throughput.stop()
+                if step % train.log_every == 0 or step == train.steps or not finite:
+                    record = {**_to_host(metrics), **throughput.report()}
+                    record.pop("finite")
+                    record["skipped"] = not finite
+                    writer.write(step, record)
+                    if bar is not None:
+                        bar.set_postfix(_postfix(record), refresh=False)
                 if not finite:
                     bad_steps += 1
                     if bad_steps > train.skip_nonfinite_steps:
@@ -157,13 +164,6 @@ def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: boo
                     log(f"step {step}: non-finite loss, update skipped ({bad_steps} of "
                         f"{train.skip_nonfinite_steps} allowed)")
                 last_data_state = data_state
-                if step % train.log_every == 0 or step == train.steps or not finite:
-                    record = {**_to_host(metrics), **throughput.report()}
-                    record.pop("finite")
-                    record["skipped"] = not finite
-                    writer.write(step, record)
-                    if bar is not None:
-                        bar.set_postfix(_postfix(record), refresh=False)
                 if bar is not None:
                     bar.update(1)
                 if evaluator is not None and step % train.eval_every == 0:
