@@ -263,8 +263,9 @@ def open_hf_disk(path: str, split: str, source: int = 0) -> DatasetSource:
     """A dataset written by Hugging Face ``datasets`` ``save_to_disk`` (a Dataset or DatasetDict)."""
     folder = Path(os.path.expanduser(path))
     if not folder.is_dir():
-        raise DataError(f"{path}: no such directory. Local files need a suffix (.jsonl, .parquet, .txt) "
-                        f"or format: ...; a directory must be written by datasets' save_to_disk")
+        raise DataError(f"{path}: no such directory. Local files need a suffix (.jsonl, .parquet, .txt) or an "
+                        f"explicit format (jsonl, parquet, text); a directory must be written by datasets' "
+                        f"save_to_disk")
     import datasets
     try:
         dataset = datasets.load_from_disk(str(folder))
