@@ -164,7 +164,7 @@ class ChatEncoder:
             if message["role"] != "assistant":
                 continue
             prompt = self._render(messages[:i], generation_prompt=True) if i else ""
-            through = self._render(messages[: i + 1])
+            through = text if i == len(messages) - 1 else self._render(messages[: i + 1])
             if not (text.startswith(through) and through.startswith(prompt)):
                 raise ChatTemplateError(
                     "the chat template does not render conversations prefix by prefix (turns [0, i) plus the "
