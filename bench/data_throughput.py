@@ -144,8 +144,10 @@ def main(argv=None) -> dict:
                       "wall time (lower when other jobs share the core, see load_average_1m)",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "tokenizer": args.tokenizer or "SmolLM2-135M-Instruct (bundled GGUF)",
-              "load_average_1m_before": load_before, "corpus": f"{len(docs)} documents of <= {DOC_CHARS} chars from the Python {platform.python_version()} "
-                        f"stdlib sources", "machine": machine(), "versions": versions(), "results": results}
+              "load_average_1m_before": load_before,
+              "corpus": f"{len(docs)} documents of <= {DOC_CHARS} chars from the Python "
+                        f"{platform.python_version()} stdlib sources",
+              "machine": machine(), "versions": versions(), "results": results}
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

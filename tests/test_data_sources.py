@@ -27,7 +27,8 @@ def corpus(tmp_path_factory):
     import pyarrow.parquet as pq
     root = tmp_path_factory.mktemp("corpus")
     for part, docs in (("a", DOCS[:25]), ("b", DOCS[25:])):
-        (root / f"{part}.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+        lines = [json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)]
+        (root / f"{part}.jsonl").write_text("".join(lines))
         (root / f"{part}.txt").write_text("".join(d + "\n" for d in docs))
     pq.write_table(pa.table({"text": DOCS[:10], "id": list(range(10))}), root / "a.parquet", row_group_size=4)
     pq.write_table(pa.table({"text": DOCS[10:], "id": list(range(10, 40))}), root / "b.parquet", row_group_size=7)

@@ -16,7 +16,7 @@ Eval iterators always shard by rows, so every process yields the same number of 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from jax_controlllm.data.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
-from jax_controlllm.data.sources import RecordOrBad, open_source
+from jax_controlllm.data.sources import open_source
 
 
 class Holdout:
