@@ -6,6 +6,7 @@ Linear weights are stored as ``kernel[in, out]`` (the transpose of PyTorch's ``w
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -148,6 +149,7 @@ def _init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
     return 0.02 * jax.random.normal(key, shape, dtype)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng) -> dict:
     """Random parameters (std 0.02 normal for weights), deterministic from ``rng``."""
     specs = param_specs(config)
