@@ -34,6 +34,7 @@ from jax_controlllm.config import ConfigError, ModelConfig, from_dict
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "model_config", "data_state")
+TMP_MARKER = ".orbax-checkpoint-tmp"      # Orbax's name for a step directory still being written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,17 +96,19 @@ class Restored:
 
 class RunCheckpoints:
     """Orbax CheckpointManager over ``run_dir/checkpoints``: async saves, keep the last ``keep_last``
-    plus every ``keep_every``-th step, leftovers of interrupted saves cleaned up on start."""
+    plus every ``keep_every``-th step; leftovers of interrupted saves are removed on start."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False):
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
+        if not read_only:
+            remove_interrupted_saves(self.directory)
         policies = [keep.LatestN(max(keep_last, 1))]
         if keep_every > 0:
             policies.append(keep.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=keep.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only)
+            read_only=read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
@@ -142,6 +145,15 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def remove_interrupted_saves(directory: Path) -> None:
+    """Delete the temporary directories of saves that never finished (a crash or kill mid-save). Done here,
+    synchronously on process 0, rather than with Orbax's background clean-up that nothing waits for."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for leftover in directory.glob(f"*{TMP_MARKER}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

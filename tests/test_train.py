@@ -16,7 +16,7 @@ from jax_controlllm.train import (EXIT_NONFINITE, EXIT_OK, SyntheticTokens, buil
 from jax_controlllm.train.setup import base_model_config
 from jax_controlllm.train.state import learning_rate_schedule
 from jax_controlllm.train.step import loss_and_grads
-from test_train_helpers import read_metrics, tiny_run_config
+from test_train_helpers import paths, read_metrics, tiny_run_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,10 +141,13 @@ def test_only_trainable_leaves_have_optimizer_state(tiny_trainer):
     trainable, frozen = trainer.state.trainable, trainer.frozen
     mask = trainable_mask(trainer.model_config)
     assert jax.tree.structure(partition(mask, mask)[0]) == jax.tree.structure(trainable)
-    # frozen: both pretrained branches, embeddings, head; trainable: the expanded copies and the gates
-    seg = trainable["layers"]["seg_0"]["block_1"]
-    assert set(seg) == {"expanded_layer", "interp_weight"}
-    assert "pretrained_layer" in frozen["layers"]["seg_0"]["block_1"] and "embed_tokens" in frozen
+    # trainable: the expanded copies and the gate kernels; frozen: everything else (gate bias included,
+    # freeze_interpolation_factor being on by default)
+    assert all("expanded_layer" in p or p[-3:] == ("interp_weight", "fc", "kernel") for p in paths(trainable))
+    assert any(p[-3:] == ("interp_weight", "fc", "kernel") for p in paths(trainable))
+    assert not any("expanded_layer" in p for p in paths(frozen))
+    assert any("pretrained_layer" in p for p in paths(frozen)) and "embed_tokens" in frozen
+    assert any(p[-3:] == ("interp_weight", "fc", "bias") for p in paths(frozen))
     adam = trainer.state.opt_state[1][0]
     assert jax.tree.structure(adam.mu) == jax.tree.structure(trainable)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))

@@ -59,3 +59,18 @@ def check(result: subprocess.CompletedProcess, expect: int = 0) -> subprocess.Co
     assert result.returncode == expect, (f"exit {result.returncode} (expected {expect})\n"
                                          f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}")
     return result
+
+
+def paths(tree) -> list[tuple[str, ...]]:
+    """Key paths of a nested dict's leaves (independent of how the model groups blocks into segments)."""
+    import jax
+    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def find_leaf(tree, *suffix: str):
+    """The first leaf whose key path ends with ``suffix``."""
+    import jax
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if tuple(k.key for k in path)[-len(suffix):] == suffix:
+            return leaf
+    raise KeyError(suffix)
