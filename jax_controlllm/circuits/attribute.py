@@ -29,7 +29,7 @@ import numpy as np
 from jax_controlllm.circuits.batching import chunks, item_weights, prepare
 from jax_controlllm.circuits.forward import RunOutput, embed, last_position, logit_difference, run
 from jax_controlllm.circuits.graph import Graph
-from jax_controlllm.circuits.readers import PlainReader, TapReader, assemble_scores, tap_coefficients
+from jax_controlllm.circuits.readers import PlainReader, TapReader, assemble_scores, tap_coefficients, tap_deltas
 from jax_controlllm.circuits.weights import Structure, circuit_model
 
 METHODS = ("EAP", "EAP-IG")
@@ -96,7 +96,8 @@ def plain_run(structure: Structure, weights: dict, ids: jax.Array) -> RunOutput:
 def _difference(corrupted: RunOutput, clean: RunOutput) -> RunOutput:
     """delta = corrupted - clean for the node outputs (what the taps contract with)."""
     raw = {k: corrupted.raw_heads[k] - clean.raw_heads[k] for k in clean.raw_heads}
-    return RunOutput(corrupted.sources - clean.sources, raw, {}, clean.resid, [])
+    groups = tuple(c - k for c, k in zip(corrupted.groups, clean.groups))
+    return RunOutput(groups, raw, {}, clean.resid, [])
 
 
 @partial(jax.jit, static_argnames=("structure", "method", "ig_steps"))
@@ -108,11 +109,11 @@ def attribution_step(structure: Structure, weights: dict, clean_ids, corrupted_i
     corrupted = plain_run(structure, weights, corrupted_ids)
     ld_clean = logit_difference(structure, weights, last_position(clean.resid, last), labels)
     ld_corrupted = logit_difference(structure, weights, last_position(corrupted.resid, last), labels)
-    delta = jax.tree.map(jax.lax.stop_gradient, _difference(corrupted, clean))
+    deltas = jax.lax.stop_gradient(tap_deltas(graph, _difference(corrupted, clean)))
     coeffs = tap_coefficients(graph)
 
     def loss(coeffs, embeds):
-        out = run(structure, weights, embeds, TapReader(graph, coeffs, delta))
+        out = run(structure, weights, embeds, TapReader(graph, coeffs, deltas))
         ld = logit_difference(structure, weights, last_position(out.resid, last), labels)
         return -jnp.sum(item_weight * ld)
 
@@ -132,23 +133,26 @@ def attribution_step(structure: Structure, weights: dict, clean_ids, corrupted_i
     return assemble_scores(graph, pieces), ld_clean, ld_corrupted
 
 
-def matmul_precision(dtype: str):
-    """float32 runs use exact float32 matmuls (no TF32 on GPUs), so scores match the reference."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return jax.default_matmul_precision("highest")
-    return contextlib.nullcontext()
+def matmul_precision(dtype: str, precision: Optional[str] = None):
+    """The matmul precision for a run: ``precision`` if given ("default", "high", "highest"), else exact float32
+    matmuls for float32 runs (no TF32 on GPUs, so scores match the reference) and the default otherwise."""
+    if precision is None:
+        precision = "highest" if jnp.dtype(dtype) == jnp.float32 else None
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
 def attribute(config, params, clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids, lengths=None,
               method: str = "EAP-IG", ig_steps: int = 5, batch_size: int = 16, normalization: str = "dkc",
-              compute_batch_size: Optional[int] = None, dtype: str = "float32", pad_multiple: int = 8) -> Scores:
+              compute_batch_size: Optional[int] = None, dtype: str = "float32", pad_multiple: int = 8,
+              precision: Optional[str] = None) -> Scores:
     """Edge scores for prompt pairs (see the module docstring).
 
     clean_ids, corrupted_ids: [N, T] right-padded token ids, pairs of equal length; lengths: [N] real lengths
     (None: all T). Labels: one token id per prompt (the answer's first token). ``batch_size`` is the batch of
     the reference code's mean-over-batch metric and so matters for ``normalization="dkc"``; the chunk actually
     computed at once is ``compute_batch_size`` (default: batch_size), which never changes the result.
-    ``params``: our parameter tree, a dict of Hugging Face tensors, or a CircuitModel.
+    ``params``: our parameter tree, a dict of Hugging Face tensors, or a CircuitModel. ``dtype``: the compute
+    dtype (float32 or bfloat16); ``precision``: matmul precision (see ``matmul_precision``).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
@@ -162,7 +166,7 @@ def attribute(config, params, clean_ids, corrupted_ids, clean_label_ids, corrupt
     weights = item_weights(prompts.n_items, batch_size, normalization)
     steps = ig_steps if method == "EAP-IG" else 1
     total, metrics = None, []
-    with matmul_precision(dtype):
+    with matmul_precision(dtype, precision):
         # results stay on the device until the end: chunks are dispatched back to back, no host round trip
         for chunk in chunks(prompts, weights, compute_batch_size or batch_size, pad_multiple):
             part, ld_c, ld_k = attribution_step(model.structure, model.weights, chunk["clean"], chunk["corrupted"],

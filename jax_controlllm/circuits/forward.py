@@ -33,15 +33,21 @@ from jax_controlllm.circuits.weights import Structure
 @dataclass
 class RunOutput:
     """One run's node outputs (as they enter the residual stream) and final state."""
-    sources: jax.Array                 # [B, n_src, T, D] folded source outputs
-    raw_heads: dict                    # branch number -> [B, H, T, D] unscaled heads of controlled blocks
+    groups: tuple                      # folded source outputs, source-major: input [1, B, T, D], then one
+                                       # [n_block_sources, B, T, D] per block (kept apart: no big concatenation)
+    raw_heads: dict                    # branch number -> [H, B, T, D] unscaled heads of controlled blocks
     folds: dict                        # branch number -> [B, T] merge weight folded into it (controlled blocks)
     resid: jax.Array                   # [B, T, D] residual stream after the last block (the logits input)
     block_resids: list                 # residual stream after each block, [B, T, D] each
 
 
-jax.tree_util.register_dataclass(RunOutput, data_fields=["sources", "raw_heads", "folds", "resid",
-                                                                      "block_resids"],
+    @property
+    def sources(self) -> jax.Array:
+        """All folded source outputs [n_src, B, T, D]."""
+        return jnp.concatenate(self.groups, axis=0)
+
+
+jax.tree_util.register_dataclass(RunOutput, data_fields=["groups", "raw_heads", "folds", "resid", "block_resids"],
                                  meta_fields=[])
 
 
@@ -73,11 +79,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
-def project_qkv(w: dict, normed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """normed: [B, T, D] shared by all heads, or [B, 3, H, T, D] private per head and q/k/v."""
-    if normed.ndim == 3:
+def project_qkv(w: dict, normed) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """normed: [B, T, D] shared by all heads, or private per head for q, k and v (three [H, B, T, D], or one
+    [3, H, B, T, D]) -> q, k, v [B, H, T, dh]."""
+    if getattr(normed, "ndim", None) == 3:
         return tuple(jnp.einsum("btd,hdk->bhtk", normed, w[name]) for name in ("wq", "wk", "wv"))
-    return tuple(jnp.einsum("bhtd,hdk->bhtk", normed[:, i], w[name]) for i, name in enumerate(("wq", "wk", "wv")))
+    return tuple(jnp.einsum("hbtd,hdk->bhtk", normed[i], w[name]) for i, name in enumerate(("wq", "wk", "wv")))
 
 
 def attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -90,13 +97,19 @@ def attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attention_heads(structure: Structure, w: dict, x: jax.Array, cos, sin) -> jax.Array:
-    """Each head's output z_h W_O[h], [B, H, T, D], from the (shared or private) inputs x."""
-    normed = rms_norm(x, w["ln1"], structure.eps, w.get("mix1"))
+def attention_heads(structure: Structure, w: dict, x, cos, sin) -> jax.Array:
+    """Each head's output z_h W_O[h], [H, B, T, D], from the inputs x: shared [B, T, D], private per q/k/v
+    and head [3, H, B, T, D], or a ``taps.TappedInput`` (norm computed once, tap on the normalised copies)."""
+    if hasattr(x, "normed_copies"):
+        shared = rms_norm(x.resid, w["ln1"], structure.eps, w.get("mix1"))
+        normed = [x.normed_copies(shared, w["ln1"], w.get("mix1"), structure.eps, part, structure.n_heads)
+                  for part in range(3)]
+    else:
+        normed = rms_norm(x, w["ln1"], structure.eps, w.get("mix1"))
     q, k, v = project_qkv(w, normed)
     probs = attention_probs(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
     z = jnp.einsum("bhqs,bhsk->bhqk", probs.astype(v.dtype), v)
-    return jnp.einsum("bhtk,hkd->bhtd", z, w["wo"])
+    return jnp.einsum("bhtk,hkd->hbtd", z, w["wo"])
 
 
 def mlp(structure: Structure, w: dict, x: jax.Array) -> jax.Array:
@@ -132,41 +145,36 @@ def run(structure: Structure, weights: dict, embeds: jax.Array, reader) -> RunOu
     graph = structure.graph
     cos, sin = rotary(structure, embeds.shape[1])
     resid = embeds
-    chunks = [embeds[:, None]]              # folded source outputs so far, in source order
+    chunks = [embeds[None]]                 # folded source outputs so far, in source order, [k, B, T, D]
     raw_heads, folds, block_resids = {}, {}, []
     branch_iter = iter(graph.branches)
     for spec, block in zip(structure.blocks, weights["blocks"]):
-        outputs = []                         # (branch number, heads [B,H,T,D], mlp [B,T,D]) per branch
+        outputs = []                         # (branch number, heads [H,B,T,D], mlp [B,T,D]) per branch
         for w in block["branches"]:
             branch = next(branch_iter)
             heads = attention_heads(structure, w, reader.attention(branch, resid, chunks), cos, sin)
-            m = mlp(structure, w, reader.mlp(branch, resid + heads.sum(1), heads, chunks))
+            m = mlp(structure, w, reader.mlp(branch, resid + heads.sum(0), heads, chunks))
             outputs.append((branch.number, heads, m))
         if spec.kind == "llama":
             (_, heads, m), = outputs
             folded = [(heads, m)]
         else:
             (n_p, heads_p, m_p), (n_e, heads_e, m_e) = outputs
-            p = resid + heads_p.sum(1) + m_p
-            e = resid + heads_e.sum(1) + m_e
+            p = resid + heads_p.sum(0) + m_p
+            e = resid + heads_e.sum(0) + m_e
             w_e = reader.gate(merge_weight(spec.merge, block["merge"], p, e)).astype(resid.dtype)
             w_p = 1 - w_e
-            folded = [(heads_p * _per_head(w_p), m_p * w_p), (heads_e * _per_head(w_e), m_e * w_e)]
+            folded = [(heads_p * w_p, m_p * w_p), (heads_e * w_e, m_e * w_e)]
             raw_heads[n_p], raw_heads[n_e] = heads_p, heads_e
             token_shape = resid.shape[:2]
             folds[n_p] = jnp.broadcast_to(jnp.reshape(w_p, w_p.shape[:2]), token_shape).astype(jnp.float32)
             folds[n_e] = jnp.broadcast_to(jnp.reshape(w_e, w_e.shape[:2]), token_shape).astype(jnp.float32)
         for heads, m in folded:
-            chunks += [heads, m[:, None]]
-            resid = resid + heads.sum(1) + m
+            resid = resid + heads.sum(0) + m
+        chunks.append(jnp.concatenate([x for heads, m in folded for x in (heads, m[None])], axis=0))
         block_resids.append(resid)
     resid = reader.logits(resid, chunks)
-    return RunOutput(jnp.concatenate(chunks, axis=1), raw_heads, folds, resid, block_resids)
-
-
-def _per_head(w: jax.Array) -> jax.Array:
-    """A scalar or [B, T, 1] merge weight, broadcastable against heads [B, H, T, D]."""
-    return w[:, None] if w.ndim else w
+    return RunOutput(tuple(chunks), raw_heads, folds, resid, block_resids)
 
 
 def last_position(x: jax.Array, last: jax.Array) -> jax.Array:

@@ -36,7 +36,7 @@ def head_position_dla(structure: Structure, weights: dict, ids, last, target) ->
     split by the source position it attends to. Heads in graph source order; scaled by the merge weight for
     controlled blocks (so the numbers add up to what enters the residual stream)."""
     out = plain_run(structure, weights, ids)
-    inputs = [out.sources[:, 0]] + out.block_resids[:-1]            # residual entering each block
+    inputs = [out.groups[0][0]] + out.block_resids[:-1]             # residual entering each block
     final = last_position(out.resid, last).astype(jnp.float32)
     scale = jax.lax.rsqrt(jnp.mean(final * final, axis=-1, keepdims=True) + structure.eps)
     u = weights["norm"].astype(jnp.float32) * jnp.take(unembedding(structure, weights), target, axis=0) * scale

@@ -210,3 +210,35 @@ def circuit_model(config: ModelConfig, params, dtype: str = "float32") -> Circui
         return circuit_model_from_hf_tensors(config, params, dtype)
     from jax_controlllm.convert import to_hf_tensors
     return circuit_model_from_hf_tensors(config, to_hf_tensors(config, params), dtype)
+
+
+def random_circuit_model(config: ModelConfig, key, dtype: str = "bfloat16") -> CircuitModel:
+    """A plain Llama with random weights built directly in the circuit layout, on the default device (for
+    benchmarks: no host copy of a billion-parameter tree). Weights ~ N(0, 1/fan_in), norms 1."""
+    import jax
+
+    _check_supported(config)
+    if config.expansion is not None:
+        raise ConfigError("random_circuit_model builds plain Llamas only")
+    dt = jnp.dtype(dtype)
+    h, dh, d, f = config.num_attention_heads, config.head_dim, config.hidden_size, config.intermediate_size
+    group = np.arange(h) // (h // config.num_key_value_heads)
+    keys = iter(jax.random.split(key, 7 * config.num_hidden_layers + 2))
+
+    def normal(shape, fan_in):
+        return (jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(fan_in)).astype(dt)
+
+    blocks = []
+    for _ in range(config.num_hidden_layers):
+        kv = config.num_key_value_heads
+        blocks.append({"branches": [{
+            "ln1": jnp.ones(d, dt), "ln2": jnp.ones(d, dt), "wq": normal((h, d, dh), d),
+            "wk": normal((kv, d, dh), d)[group], "wv": normal((kv, d, dh), d)[group], "wo": normal((h, dh, d), h * dh),
+            "gate": normal((d, f), d), "up": normal((d, f), d), "down": normal((f, d), f)}]})
+    weights = {"embed": normal((config.vocab_size, d), 1), "norm": jnp.ones(d, dt), "blocks": blocks}
+    if not config.tie_word_embeddings:
+        weights["unembed"] = normal((config.vocab_size, d), d)
+    structure = Structure(h, config.num_key_value_heads, dh, d, config.vocab_size, float(config.rms_norm_eps),
+                          rotary_inv_freq(config), bool(config.tie_word_embeddings),
+                          tuple(BlockSpec("llama") for _ in range(config.num_hidden_layers)))
+    return CircuitModel(structure, weights)
