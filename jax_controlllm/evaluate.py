@@ -470,13 +470,17 @@ def multiple_choice_accuracy(config: ModelConfig, params: dict, tokenizer, quest
 
 
 def _letter_scores(config, params, tokenizer, questions, prompts, batch_size, progress) -> list[list[float]]:
-    """One forward per question: the log-probabilities of " A", " B", ... after the prompt."""
+    """One forward per question: the log-probabilities of " A", " B", ... after the prompt (when each letter
+    is one token, as in Llama and SmolLM vocabularies)."""
     n_choices = max(len(q.choices) for q in questions)
     letter_ids = [encode(tokenizer, " " + LETTERS[i], templated=True) for i in range(n_choices)]
-    if any(len(ids) != 1 for ids in letter_ids):
-        raise EvalInputError("this tokenizer splits ' A'.. into several tokens; use score='text' (--score text)")
-    candidates = np.array([ids[0] for ids in letter_ids], np.int32)
     static, pad = Static(config), _pad_id(config, tokenizer)
+    if any(len(ids) != 1 for ids in letter_ids):   # " A" is several tokens: score each letter as a continuation
+        pairs = [encode_pair(tokenizer, p, " " + LETTERS[c]) for q, p in zip(questions, prompts)
+                 for c in range(len(q.choices))]
+        flat = iter(score_continuations(config, params, pairs, batch_size, pad, progress))
+        return [[next(flat).logprob for _ in q.choices] for q in questions]
+    candidates = np.array([ids[0] for ids in letter_ids], np.int32)
     rows = [encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[list[float]] = [[] for _ in rows]
