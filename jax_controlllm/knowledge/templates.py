@@ -1,8 +1,8 @@
 """Sentence templates: paraphrases for biographies, and the query each attribute is probed with.
 
 Every query is the exact beginning of one paraphrase ("{name} lives in the city of" / "... {city}."), so a
-model can learn the query form from the corpus; ``held_out_phrasing`` removes those paraphrases from the
-documents, to test whether a fact transfers to an unseen wording.
+model can learn the query form from the corpus; ``held_out_phrasing`` removes every paraphrase containing
+the query's wording from the documents, to test whether a fact transfers to an unseen wording.
 """
 from __future__ import annotations
 
@@ -63,6 +63,6 @@ OPENINGS = (
 
 
 def paraphrases(attribute: str, held_out_phrasing: bool = False) -> tuple[str, ...]:
-    """The biography sentences for ``attribute``; without the query's own wording when held out."""
+    """The biography sentences for ``attribute``; without any containing the query's wording when held out."""
     query = QUERIES[attribute]
-    return tuple(t for t in PARAPHRASES[attribute] if not (held_out_phrasing and t.startswith(query + " ")))
+    return tuple(t for t in PARAPHRASES[attribute] if not (held_out_phrasing and query + " " in t))
