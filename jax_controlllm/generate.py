@@ -380,8 +380,6 @@ def gguf_metadata(path: str | Path) -> dict:
 
 def load_tokenizer(source: str | Path):
     """A Hugging Face fast tokenizer from a model directory, a .gguf file or ``"smollm2"``."""
-    from transformers import AutoTokenizer
-
     if str(source) == "smollm2" or str(source).endswith(".gguf"):
         from jax_controlllm.convert.gguf import smollm2_gguf_path, tokenizer_files
         path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
@@ -390,12 +388,28 @@ def load_tokenizer(source: str | Path):
         folder = Path(tempfile.mkdtemp(prefix="jcl-tokenizer-"))
         for name, text in tokenizer_files(gguf_metadata(path), path).items():
             (folder / name).write_text(text, encoding="utf-8")
-        return AutoTokenizer.from_pretrained(str(folder))
+        return _auto_tokenizer(folder)
     path = Path(source)
     if not _has_tokenizer(path):
         raise GenerationError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model); give a Hugging Face "
                               "model directory, a .gguf file or 'smollm2'")
-    return AutoTokenizer.from_pretrained(str(path))
+    return _auto_tokenizer(path)
+
+
+def _auto_tokenizer(folder: Path):
+    """AutoTokenizer, quietly: it also reads config.json and warns about model types it does not know
+    (our release-format exports say causallmexpansion)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def tokenizer_source_for(model: str | Path, tokenizer: Optional[str | Path] = None):
