@@ -292,6 +292,17 @@ def test_baseline_metrics_match_naive():
         np.testing.assert_allclose(got, naive.logit_diff(resid, lengths - 1, cl, kl), atol=2e-5)
 
 
+def test_scores_save_and_load(tmp_path):
+    config, tensors, _ = make_model(**MODELS["gqa"])
+    scores = attribute(config, tensors, *make_prompts(), method="EAP", compute_batch_size=CHUNK)
+    scores.save(tmp_path / "scores.npz")
+    loaded = type(scores).load(tmp_path / "scores.npz")
+    np.testing.assert_array_equal(loaded.matrix, scores.matrix)
+    assert loaded.graph == scores.graph and loaded.method == "EAP" and loaded.metric_clean == scores.metric_clean
+    edges = scores.edges()
+    assert len(edges) == scores.graph.n_edges and list(edges)[0] == "input->a0.h0<q>"
+
+
 def test_ig_with_one_step_is_eap():
     config, tensors, _ = make_model(**MODELS["gqa"])
     prompts = make_prompts()

@@ -104,3 +104,24 @@ def test_evolution_summaries():
     ratio = layer_activation_ratio(circuit_from_edges(graph, mask, prune=False))
     valid_l1 = graph.valid[:, graph.destination_layer == 1].sum()
     assert ratio == [0.0, 1 / valid_l1, 1 / graph.n_sources]
+
+
+def test_checkpoint_refs_read_orbax_exports_and_run_dirs(tmp_path):
+    """The hook for our own checkpoints: an export, and a run directory's steps (oldest first)."""
+    from jax_controlllm.checkpoint import save_model
+    from jax_controlllm.circuits.checkpoints import checkpoint_refs
+    from jax_controlllm.model import init_params
+
+    config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16)
+    params = init_params(config, jax.random.PRNGKey(0))
+    save_model(config, params, tmp_path / "export")
+    for step in (20, 100):
+        save_model(config, params, tmp_path / "run" / "checkpoints" / str(step))
+    (ref,) = checkpoint_refs([tmp_path / "export"])
+    loaded_config, loaded = ref.load()
+    assert ref.name == "export" and loaded_config.hidden_size == 8
+    np.testing.assert_array_equal(loaded["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
+    assert [r.name for r in checkpoint_refs([tmp_path / "run"])] == ["step_20", "step_100"]
+    pair = checkpoint_refs([(config, params), ("named", config, params)])
+    assert [r.name for r in pair] == ["checkpoint_0", "named"] and pair[1].load()[1] is params

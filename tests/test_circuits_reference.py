@@ -95,6 +95,7 @@ def test_eap_ig_with_one_step_is_eap(case):
     assert _rel(ig1.matrix, expected["eap_scores"]) < 1e-5       # k = 1 of 1 is the clean point: EAP
 
 
+@pytest.mark.slow
 def test_eap_ig_circuits_evaluation(case):
     config, model, args, expected = case
     ig = attribute(config, model, *args, method="EAP-IG", ig_steps=5)
