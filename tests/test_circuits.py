@@ -8,7 +8,6 @@ import pytest
 
 from jax_controlllm.circuits import (attribute, circuit_from_edges, evaluate_circuit, faithfulness, full_circuit,
                                      hit_at_k, prune_dead_nodes, top_n_circuit)
-from jax_controlllm.circuits.circuit import Circuit
 from jax_controlllm.circuits.weights import circuit_model
 from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig

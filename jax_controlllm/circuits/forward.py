@@ -40,7 +40,6 @@ class RunOutput:
     resid: jax.Array                   # [B, T, D] residual stream after the last block (the logits input)
     block_resids: list                 # residual stream after each block, [B, T, D] each
 
-
     @property
     def sources(self) -> jax.Array:
         """All folded source outputs [n_src, B, T, D]."""

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_controlllm.circuits.attribute import plain_run
+from jax_controlllm.circuits.attribute import matmul_precision, plain_run
+from jax_controlllm.circuits.batching import chunks, prepare
 from jax_controlllm.circuits.forward import (apply_rotary, attention_probs, last_position, project_qkv, rms_norm,
                                              rotary, unembedding)
-from jax_controlllm.circuits.weights import Structure
+from jax_controlllm.circuits.weights import Structure, circuit_model
 
 HEAD_CLASSES = ("mover", "relation", "mixture")
 
@@ -71,10 +72,6 @@ def classify_heads(dla: np.ndarray, subject_mask: np.ndarray, relation_mask: np.
 
 def head_dla(config, params, ids, target_ids, lengths=None, batch_size: int = 16, dtype: str = "float32"):
     """``head_position_dla`` over a whole prompt set: np.ndarray [N, n_head_sources, T]."""
-    from jax_controlllm.circuits.attribute import matmul_precision
-    from jax_controlllm.circuits.batching import chunks, prepare
-    from jax_controlllm.circuits.weights import circuit_model
-
     model = circuit_model(config, params, dtype)
     prompts = prepare(ids, None, target_ids, None, lengths, model.structure.vocab_size)
     n, t = prompts.clean.shape
