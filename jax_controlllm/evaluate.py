@@ -13,6 +13,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -169,8 +170,9 @@ def pad_rows(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0,
 
 def text_batches(tokenizer, texts: Sequence[str], seq_len: int = 512, batch_size: int = 8,
                  max_tokens: Optional[int] = None) -> list[dict]:
-    """Documents -> [batch_size, seq_len] {"input_ids", "attention_mask"} batches. Each document is tokenised
-    (with the tokenizer's BOS, if it adds one) and cut into non-overlapping windows of ``seq_len``."""
+    """Documents -> {"input_ids", "attention_mask"} batches of at most [batch_size, seq_len]. Each document is
+    tokenised (with the tokenizer's BOS, if it adds one) and cut into non-overlapping windows of ``seq_len``;
+    windows are grouped by length and padded to buckets, so short documents do not pay for ``seq_len``."""
     windows, total = [], 0
     for text in texts:
         ids = encode(tokenizer, text)
@@ -184,9 +186,14 @@ def text_batches(tokenizer, texts: Sequence[str], seq_len: int = 512, batch_size
     if not windows:
         raise EvalInputError("no text to evaluate: every document is empty or a single token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [dict(zip(("input_ids", "attention_mask"), pad_rows(windows[i:i + batch_size], batch_size, pad,
-                                                               length=seq_len)))
-            for i in range(0, len(windows), batch_size)]
+    windows.sort(key=len)                        # sums over tokens do not depend on the order
+    batches = []
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        length = min(length_bucket(len(chunk[-1])), seq_len)
+        ids, mask = pad_rows(chunk, batch_bucket(len(chunk), batch_size), pad, length=length)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 def _as_batch(batch) -> tuple[jax.Array, jax.Array]:
@@ -240,16 +247,35 @@ def _next_token_logprobs(static: Static, params, ids, mask, last, candidates):
     return jnp.take_along_axis(logprobs, candidates, axis=-1)
 
 
+SCORE_CHUNK = 128   # positions per LM-head chunk when scoring long rows: full [B, S, V] logits never exist
+
+
+def _over_chunks(fn, chunk: int, *xs):
+    """Sum ``fn`` over sequence chunks of [B, S, ...] arrays (S padded to a multiple of ``chunk``, padding
+    masked by the caller's mask being 0 there)."""
+    s = xs[0].shape[1]
+    if s <= chunk:
+        return fn(*xs)
+    pad = -s % chunk
+    xs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
+    split = [jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0) for x in xs]
+    return jax.tree.map(lambda y: jnp.sum(y, axis=0), jax.lax.map(lambda c: fn(*c), split))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _kl_sum(static: Static, base_static: Static, params, base_params, ids, mask):
     """(sum over real positions of KL(base || model), number of positions)."""
     config, base_config = static.value, base_static.value
-    lp = jax.nn.log_softmax(logits_from_hidden(config, params, final_hidden(config, params, ids, mask)), -1)
-    lb = jax.nn.log_softmax(
-        logits_from_hidden(base_config, base_params, final_hidden(base_config, base_params, ids, mask)), -1)
-    kl = jnp.sum(jnp.exp(lb) * (lb - lp), axis=-1)
+    h = final_hidden(config, params, ids, mask)
+    hb = final_hidden(base_config, base_params, ids, mask)
+
+    def chunk_kl(h, hb, valid):
+        lp = jax.nn.log_softmax(logits_from_hidden(config, params, h), -1)
+        lb = jax.nn.log_softmax(logits_from_hidden(base_config, base_params, hb), -1)
+        return jnp.sum(jnp.sum(jnp.exp(lb) * (lb - lp), axis=-1) * valid)
+
     valid = mask.astype(jnp.float32)
-    return jnp.sum(kl * valid), jnp.sum(valid)
+    return _over_chunks(chunk_kl, SCORE_CHUNK, h, hb, valid), jnp.sum(valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +284,8 @@ def _kl_sum(static: Static, base_static: Static, params, base_params, ids, mask)
 
 def perplexity(config: ModelConfig, params: dict, batches: Sequence, progress: bool = False) -> dict:
     """Mean next-token loss over real tokens of ``batches`` (see ``text_batches``) and its exponential."""
-    static, total, count = Static(config), 0.0, 0.0
+    static = Static(dataclasses.replace(config, loss_chunk=config.loss_chunk or SCORE_CHUNK))
+    total, count = 0.0, 0.0
     for batch in _progress(batches, progress, "perplexity"):
         nll, n = _nll(static, params, *_as_batch(batch))
         total, count = total + float(nll), count + float(n)

@@ -69,7 +69,7 @@ def test_perplexity_matches_forward(model, tokenizer):
     config, params = model
     docs = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France?"]
     batches = ev.text_batches(tokenizer, docs, seq_len=8, batch_size=3)
-    assert all(b["input_ids"].shape == (3, 8) for b in batches)
+    assert all(b["input_ids"].shape[0] <= 3 and b["input_ids"].shape[1] <= 8 for b in batches)
     total, count = 0.0, 0
     for doc in docs:
         ids = tokenizer(doc)["input_ids"]
@@ -273,8 +273,9 @@ def test_format_table():
 # CLI: bad input fails fast, in one line, before any model is loaded
 # ----------------------------------------------------------------------------------------------
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "launch.eval", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "launch.eval", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_cli_probe_file_with_missing_field(tmp_path):
@@ -306,7 +307,8 @@ def test_cli_smollm2_probes_and_retention(tmp_path, smollm2_hf_dir):
     docs = write(tmp_path / "docs.txt", ["Paris is the capital and most populous city of France.",
                                          "The Roman Empire was the post-Republican state of ancient Rome."])
     out = tmp_path / "probes.json"
-    result = run_cli("probes", "--model", str(smollm2_hf_dir), "--probes", str(probes), "--out", str(out))
+    result = run_cli("probes", "--model", str(smollm2_hf_dir), "--probes", str(probes), "--out", str(out),
+                     timeout=600)
     assert result.returncode == 0, result.stderr
     items = {it["prompt"] + it["answer"]: it for it in json.loads(out.read_text())["items"]}
     assert items["The capital of France isParis"]["exact_match"]
@@ -314,9 +316,45 @@ def test_cli_smollm2_probes_and_retention(tmp_path, smollm2_hf_dir):
     assert not items["The capital of France isRome"]["exact_match"]
     out = tmp_path / "retention.json"
     result = run_cli("retention", "--model", str(smollm2_hf_dir), "--base", str(smollm2_hf_dir),
-                     "--probes", str(probes), "--kl-data", str(docs), "--out", str(out))
+                     "--probes", str(probes), "--kl-data", str(docs), "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(out.read_text())["summary"]
     assert summary["lost"] == 0 and summary["gained"] == 0 and summary["kept"] >= 1
     assert summary["kl_from_base"] == pytest.approx(0.0, abs=1e-6)
     assert "kl_from_base" in result.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_letter_scores_equal_continuation_scores(smollm2_hf_dir):
+    """The one-forward letter path (" A" is one SmolLM2 token) agrees with scoring " A".. as continuations."""
+    from transformers import AutoTokenizer
+
+    from jax_controlllm.convert import load_hf
+    config, params = load_hf(smollm2_hf_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+    assert len(tokenizer(" A", add_special_tokens=False)["input_ids"]) == 1
+    questions = [ChoiceQuestion("What is 2 + 2?", ["3", "4", "5", "22"], 1, "math"),
+                 ChoiceQuestion("Which planet is known as the Red Planet?", ["Venus", "Mars", "Jupiter"], 1),
+                 ChoiceQuestion("What is the capital of Italy?", ["Rome", "Milan"], 0, "geography")]
+    result = ev.multiple_choice_accuracy(config, params, tokenizer, questions, few_shot=1)
+    for i, (q, item) in enumerate(zip(questions, result["items"])):
+        prompt = ev.few_shot_prompt(q, [s for j, s in enumerate(questions) if j != i][:1])
+        pairs = [ev.encode_pair(tokenizer, prompt, " " + "ABCD"[c]) for c in range(len(q.choices))]
+        expected = [s.logprob for s in ev.score_continuations(config, params, pairs)]
+        np.testing.assert_allclose(item["choice_logprobs"], expected, atol=2e-4)
+
+
+def test_kl_over_chunks_equals_unchunked(model, monkeypatch):
+    """Rows longer than SCORE_CHUNK are scored chunk by chunk; the sum must not change."""
+    config, params = model
+    other = jax.tree.map(lambda x: x * 0.5, params)   # a KL well above float32 rounding of log-probs
+    ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, 33:] = 0
+    whole = ev.kl_from_base(config, other, config, params, [{"input_ids": ids, "attention_mask": mask}])
+    monkeypatch.setattr(ev, "SCORE_CHUNK", 16)
+    ev._kl_sum.clear_cache()
+    chunked = ev.kl_from_base(config, other, config, params, [{"input_ids": ids, "attention_mask": mask}])
+    ev._kl_sum.clear_cache()
+    assert chunked["tokens"] == whole["tokens"] == 73
+    assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-5)
