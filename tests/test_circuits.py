@@ -490,3 +490,51 @@ def test_circuit_entropy_and_summary():
     p = np.array([3.0, 1.0, 0.5]) / 4.5
     assert circuit.entropy == pytest.approx(-(p * np.log(p)).sum())
     assert circuit.to_dict()["n_edges"] == 3 and circuit.nodes == ["input", "a0.h0", "logits"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Head classes and the logit lens
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gqa", "dlerp_relaxed"])
+def test_head_dla_adds_up_to_each_heads_direct_effect(name):
+    """Summed over source positions, a head's DLA is its (folded) output at the last position . u."""
+    from jax_controlllm.circuits.heads import head_dla
+    config, tensors, naive = make_model(**MODELS[name])
+    clean, _, cl, _, lengths = make_prompts()
+    dla = head_dla(config, tensors, clean, cl, lengths, batch_size=CHUNK)
+    resid, sources, _ = naive.run(naive.embed(clean))
+    last = lengths - 1
+    final = resid[np.arange(5), last]
+    u = naive.t["model.norm.weight"] * naive.unembed[cl] / np.sqrt(np.mean(final ** 2, -1, keepdims=True) + 1e-5)
+    graph = circuit_model(config, tensors).graph
+    heads = [n for n, is_head in zip(graph.sources, graph.is_head) if is_head]
+    expected = np.stack([np.sum(sources[h][np.arange(5), last] * u, -1) for h in heads], 1)
+    np.testing.assert_allclose(dla.sum(-1), expected, atol=1e-4 * np.abs(expected).max())
+    pads = np.arange(T)[None] > last[:, None]
+    assert np.all(np.moveaxis(dla, 2, 1)[pads] == 0)             # causal: nothing comes from the padding
+
+
+def test_classify_heads():
+    from jax_controlllm.circuits.heads import classify_heads
+    subject = np.array([[False, True, True, False, False]])
+    relation = np.array([[False, False, False, True, True]])
+    dla = np.array([[[0.0, 3.0, -2.0, 0.5, 0.0],        # 5/5.5 from the subject: mover
+                     [0.1, 0.2, 0.0, 1.0, -2.0],       # 3/3.3 from the relation: relation
+                     [0.0, 1.0, 0.0, 1.0, 0.0]]])      # half and half: mixture
+    classes = classify_heads(dla, subject, relation)
+    assert [c["class"] for c in classes] == ["mover", "relation", "mixture"]
+    assert classes[0]["subject_share"] == pytest.approx(5 / 5.5)
+
+
+def test_logit_lens_last_layer_is_the_model_output():
+    from jax_controlllm.circuits.lens import logit_lens
+    config, tensors, naive = make_model(**MODELS["lerp"])
+    clean, _, cl, _, lengths = make_prompts()
+    lens = logit_lens(config, tensors, clean, cl, lengths, batch_size=CHUNK)
+    logits = naive.logits_at(naive.run(naive.embed(clean))[0], lengths - 1)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(lens.probability[:, -1], probs[np.arange(5), cl], rtol=1e-4)
+    np.testing.assert_array_equal(lens.rank[:, -1], (logits > logits[np.arange(5), cl][:, None]).sum(1))
+    assert lens.probability.shape == (5, 2) and len(lens.summary()["mean_rank"]) == 2

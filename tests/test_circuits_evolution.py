@@ -125,3 +125,25 @@ def test_checkpoint_refs_read_orbax_exports_and_run_dirs(tmp_path):
     assert [r.name for r in checkpoint_refs([tmp_path / "run"])] == ["step_20", "step_100"]
     pair = checkpoint_refs([(config, params), ("named", config, params)])
     assert [r.name for r in pair] == ["checkpoint_0", "named"] and pair[1].load()[1] is params
+
+
+@pytest.mark.slow
+def test_evolution_from_a_plain_to_a_control_llm_checkpoint(tmp_path):
+    """A base model and its Control LLM expansion: circuits compare by name, expanded heads get classes."""
+    from test_circuits import make_model, make_prompts
+
+    from jax_controlllm.circuits.evolution import EvolutionSettings, analyze_evolution
+    from jax_controlllm.circuits.plots import plot_evolution
+    from jax_controlllm.knowledge import PromptPairs
+
+    base_config, base, _ = make_model(heads=2, kv=1, layers=2)
+    exp_config, expanded, _ = make_model(heads=2, kv=1, layers=2, controlled=(1,), merge="dlerp")
+    clean, corrupted, cl, kl, lengths = make_prompts()
+    pairs = PromptPairs(clean, corrupted, cl, kl, lengths, np.tile([[1, 3]], (5, 1)), [], [])
+    evolution = analyze_evolution([("base", base_config, base), ("expanded", exp_config, expanded)], pairs,
+                                  EvolutionSettings(top_n=30, ig_steps=2, batch_size=8))
+    final = evolution.checkpoints[-1]
+    assert any(n.startswith("a1e.") or n == "m1e" for n in final.nodes)
+    assert 0 <= evolution.edge_jaccard[0] < 1 and evolution.edge_jaccard[1] == 1
+    assert len(final.layer_activation_ratio) == 3
+    assert set(plot_evolution(evolution, tmp_path)) == {"layer_activation", "logit_lens", "metrics", "head_classes"}
