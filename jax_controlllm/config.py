@@ -195,6 +195,8 @@ class RunConfig:
     data: dict = field(default_factory=dict)       # parsed by jax_controlllm.data.DataConfig
     mesh: MeshConfig = field(default_factory=MeshConfig)
     eval: dict = field(default_factory=dict)
+    knowledge: Optional[dict] = None               # synthetic new-knowledge corpus (jax_controlllm.experiment)
+    report: Optional[dict] = None                  # before/after acquisition + retention report ({} = defaults)
     out_dir: Optional[str] = None
 
     def validate(self) -> None:

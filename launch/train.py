@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     if args.cpu_devices:  # before JAX is imported: the flag is read once, at backend start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    import jax
+
     from jax_controlllm.config import load_config
+    from jax_controlllm.experiment import acquisition_retention_report, prepare_knowledge
     from jax_controlllm.sharding import make_mesh
     from jax_controlllm.train import (EXIT_BAD_INPUT, aot_memory_report, build_trainer, check_data_config,
                                       create_run_dir, initialize_distributed, open_checkpoints, train_loop)
@@ -63,13 +66,16 @@ def main(argv=None) -> int:
         if args.aot_topology:
             print(aot_memory_report(run, args.aot_topology))
             return 0
+        run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
+        prepare_knowledge(run, run_dir)                         # the generated corpus, if the config asks
         check_data_config(run)
         mesh = make_mesh(run.mesh.shape, run.mesh.axes)
-        run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
         checkpoints = open_checkpoints(run_dir, run)            # None for a new run
         trainer = build_trainer(run, mesh, checkpoints)         # weights in their shards + compiled step
         checkpoints = checkpoints or create_run_dir(run_dir, run)
         result = train_loop(trainer, run_dir, checkpoints, progress=not args.no_progress)
+        if result.exit_code == 0 and jax.process_index() == 0:
+            acquisition_retention_report(run, run_dir, progress=not args.no_progress)   # if the config asks
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

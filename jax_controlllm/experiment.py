@@ -1,0 +1,169 @@
+"""Acquisition and retention around a training run: the knowledge corpus before, the report after.
+
+    knowledge = prepare_knowledge(run, run_dir)   # writes the corpus; points data.sources at it
+    ... train ...
+    report = acquisition_retention_report(run, run_dir)   # base vs trained, printed and saved as JSON
+
+Acquisition: held-out queries about the new entities (exact match of the greedy answer, first-token rank).
+Retention: general-knowledge probes that the *base* model answers correctly (checked here, never assumed),
+and the mean KL of next-token distributions from the base on plain text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from jax_controlllm.config import ConfigError, RunConfig, from_dict
+
+
+@dataclass
+class KnowledgeSpec:
+    """The synthetic new-knowledge corpus of a run (see jax_controlllm.knowledge)."""
+    n_new: int = 24
+    n_revised: int = 0
+    attributes: list = field(default_factory=lambda: ["city", "company"])
+    max_frequency: int = 8
+    frequency_exponent: float = 1.2
+    held_out_phrasing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ReportSpec:
+    """What to measure after training (the default job's before/after report)."""
+    knowledge_probes: bool = True
+    retention_probes: bool = True
+    kl_text: bool = True
+    batch_size: int = 32
+    export_hf: bool = True          # also write <run_dir>/hf (the release's Control LLM format)
+
+
+def knowledge_spec(run: RunConfig) -> Optional[KnowledgeSpec]:
+    return None if run.knowledge is None else from_dict(KnowledgeSpec, run.knowledge, "knowledge")
+
+
+def report_spec(run: RunConfig) -> Optional[ReportSpec]:
+    return None if run.report is None else from_dict(ReportSpec, run.report, "report")
+
+
+def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> Optional[dict]:
+    """Write the run's knowledge corpus (deterministic from its spec) under run_dir/knowledge and, when the
+    config names no data sources, train on it. Returns the file paths, or None without a `knowledge` section."""
+    spec = knowledge_spec(run)
+    if spec is None:
+        return None
+    from jax_controlllm.knowledge import CorpusConfig, EntityConfig, build_knowledge_dataset
+
+    entities = EntityConfig(n_new=spec.n_new, n_revised=spec.n_revised, attributes=tuple(spec.attributes),
+                            max_frequency=spec.max_frequency, frequency_exponent=spec.frequency_exponent,
+                            seed=spec.seed)
+    try:
+        entities.validate()
+    except ValueError as err:
+        raise ConfigError(f"knowledge: {err}") from None
+    paths = build_knowledge_dataset(Path(run_dir) / "knowledge",
+                                    CorpusConfig(entities, spec.held_out_phrasing, spec.seed))
+    data = dict(run.data or {})
+    if not data.get("sources") and data.get("source") != "synthetic":
+        data["sources"] = [{"path": str(paths["corpus"])}]
+        run.data = data
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _retention_probes():
+    from jax_controlllm.evaluate import Probe
+    from jax_controlllm.retention.general import FACTS
+    return [Probe(prompt, answer, id=f"general-{i}") for i, (prompt, answer) in enumerate(FACTS)]
+
+
+def _knowledge_probes(run_dir: Path):
+    from jax_controlllm.evaluate import read_probes
+    path = run_dir / "knowledge" / "probes.jsonl"
+    return read_probes(path) if path.is_file() else []
+
+
+def evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir: Path, spec: ReportSpec,
+                  progress: bool = True) -> dict:
+    """Base and trained model on the same probes: acquisition, verified retention and KL from the base."""
+    from jax_controlllm.evaluate import probe_accuracy, retention_report, text_batches
+    from jax_controlllm.retention.general import GENERAL_TEXT
+
+    report: dict = {}
+    knowledge = _knowledge_probes(run_dir)
+    if spec.knowledge_probes and knowledge:
+        before = probe_accuracy(base_config, base_params, tokenizer, knowledge, batch_size=spec.batch_size,
+                                progress=progress)
+        after = probe_accuracy(config, params, tokenizer, knowledge, batch_size=spec.batch_size, progress=progress)
+        report["acquisition"] = {"base": before["summary"], "trained": after["summary"],
+                                 "examples": [{k: it[k] for k in ("prompt", "answer", "output", "exact_match")}
+                                              for it in after["items"][:5]]}
+    if spec.retention_probes:
+        probes = _retention_probes()
+        base = probe_accuracy(base_config, base_params, tokenizer, probes, batch_size=spec.batch_size,
+                              progress=progress)
+        verified = [p for p, it in zip(probes, base["items"]) if it["exact_match"]]
+        if not verified:
+            raise ConfigError("report: the base model answers none of the general-knowledge probes; "
+                              "retention cannot be measured on this model")
+        base_verified = {"summary": base["summary"], "items": [it for it in base["items"] if it["exact_match"]]}
+        kl = text_batches(tokenizer, list(GENERAL_TEXT), seq_len=96, batch_size=8) if spec.kl_text else None
+        retained = retention_report(config, params, base_config, base_params, tokenizer, verified, kl,
+                                    batch_size=spec.batch_size, base_results=base_verified, progress=progress)
+        report["retention"] = {**retained["summary"], "probes_offered": len(probes),
+                               "probes_base_answers": len(verified),
+                               "lost_examples": [it for it in retained["items"] if it["status"] == "lost"][:5]}
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = ["", "=" * 72, "Before / after report", "=" * 72]
+    acq = report.get("acquisition")
+    if acq:
+        b, t = acq["base"], acq["trained"]
+        lines += [f"Acquisition ({b['probes']} held-out queries about new entities)",
+                  f"  exact match         base {b['exact_match']:6.1%}   ->  trained {t['exact_match']:6.1%}",
+                  f"  answer in top-10    base {b['hit@10']:6.1%}   ->  trained {t['hit@10']:6.1%}",
+                  f"  mean first-token rank  base {b['mean_first_token_rank']:8.1f}  ->  trained "
+                  f"{t['mean_first_token_rank']:8.1f}"]
+    ret = report.get("retention")
+    if ret:
+        lines += [f"Retention ({ret['probes_base_answers']} of {ret['probes_offered']} general-knowledge probes "
+                  f"the base answers correctly)",
+                  f"  still correct       base 100.0%   ->  trained {ret['retention']:6.1%} "
+                  f"(kept {ret['kept']}, lost {ret['lost']})"]
+        if "kl_from_base" in ret:
+            lines.append(f"  KL from base on general text: {ret['kl_from_base']:.4f} nats/token (base: 0)")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def acquisition_retention_report(run: RunConfig, run_dir: str | Path, progress: bool = True) -> Optional[dict]:
+    """After training: load the base model and the run's latest checkpoint, evaluate both, print, save JSON,
+    and export the trained model as a Hugging Face directory (release format)."""
+    spec = report_spec(run)
+    if spec is None:
+        return None
+    from jax_controlllm.checkpoint import load_model
+    from jax_controlllm.convert.auto import load_pretrained
+    from jax_controlllm.data import load_tokenizer
+    from jax_controlllm.train.data import tokenizer_source
+
+    run_dir = Path(run_dir)
+    start = time.time()
+    policy = {k: getattr(run.model, k) for k in ("param_dtype", "frozen_dtype", "compute_dtype")}
+    base_config, base_params = load_pretrained(run.base.path, run.base.format, **policy)
+    config, params = load_model(run_dir)
+    tokenizer = load_tokenizer(tokenizer_source(run, run_dir))
+    report = evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir, spec, progress)
+    if spec.export_hf:
+        from jax_controlllm.convert import save_hf
+        save_hf(config, params, run_dir / "hf", expanded_from=str(run.base.path))
+        report["export"] = str(run_dir / "hf")
+    report["seconds"] = round(time.time() - start, 1)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(format_report(report), flush=True)
+    return report
