@@ -95,103 +95,128 @@ class _Log:
 
 
 def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: bool = True) -> LoopResult:
-    """Run from ``trainer.start_step`` to ``train.steps``; returns how and where it stopped."""
-    run, train = trainer.run, trainer.run.train
-    run_dir = Path(run_dir)
-    main = jax.process_index() == 0
-    batch_sharding = trainer.shardings.batch
-    slot, count = process_batch_slot(batch_sharding["input_ids"], train.batch_size, train.seq_len)
-    tokenizer = tokenizer_source(run, run_dir)
-    vocab = trainer.model_config.vocab_size
-    iterator = make_iterator(run, vocab, "train", slot, count, tokenizer)
-    if trainer.data_state is not None:
-        iterator.set_state(trainer.data_state)
-    last_data_state = iterator.get_state()
-    evaluator = Evaluator(trainer, slot_for=process_batch_slot, tokenizer=tokenizer) if train.eval_every else None
+    """Run from ``trainer.start_step`` to ``train.steps``; returns how and where it stopped.
 
-    bar = None
-    if progress and main:
-        from tqdm import tqdm
-        bar = tqdm(total=train.steps, initial=trainer.start_step, dynamic_ncols=True, unit="step")
-    log = _Log(bar)
-    log(trainer.describe())
-    writer = MetricsWriter(run_dir, enabled=main)
-    throughput = Throughput(trainer, train)
-    batches = Prefetcher(iterator, train.prefetch)
-    state, frozen, step = trainer.state, trainer.frozen, trainer.start_step
-    bad_steps = 0
-
-    def save(at_step: int, data_state: dict) -> None:
-        if at_step in checkpoints.all_steps():
-            return
-        checkpoints.save(at_step, combine(state.trainable, frozen), state.opt_state, trainer.model_config,
-                         data_state)
-
-    result = None
+    ``checkpoints``: the run's ``RunCheckpoints``. The trainer's state is donated step by step: afterwards
+    the final weights are in the last checkpoint (``jax_controlllm.checkpoint.load_model(run_dir)``)."""
+    loop = _Loop(trainer, Path(run_dir), checkpoints, progress)
     try:
         with jax.set_mesh(trainer.mesh), StopSignals() as signals:
-            while step < train.steps:
-                try:
-                    host_batch, data_state = next(batches)
-                except StopIteration:
-                    log(f"the training data ended after step {step}")
-                    break
-                batch = to_global(host_batch, batch_sharding, train.batch_size)
-                throughput.start()
-                state, metrics = trainer.step_fn(state, frozen, batch)
-                step += 1
-                finite = bool(metrics["finite"])  # waits for the step: the stop decision needs it
-                throughput.stop()
-                if step % train.log_every == 0 or step == train.steps or not finite:
-                    record = {**_to_host(metrics), **throughput.report()}
-                    record.pop("finite")
-                    record["skipped"] = not finite
-                    writer.write(step, record)
-                    if bar is not None:
-                        bar.set_postfix(_postfix(record), refresh=False)
-                if not finite:
-                    bad_steps += 1
-                    if bad_steps > train.skip_nonfinite_steps:
-                        # The step left weights and optimizer untouched: this is the state after step - 1.
-                        state = state.replace(step=state.step - 1)
-                        step -= 1
-                        save(step, last_data_state)
-                        result = LoopResult(EXIT_NONFINITE, step, (
-                            f"step {step + 1}: the loss is not finite; stopped with a checkpoint of step {step} "
-                            f"in {checkpoints.directory} (allowed skips: train.skip_nonfinite_steps="
-                            f"{train.skip_nonfinite_steps}). Lower train.lr, check the data, or allow skips"))
-                        break
-                    log(f"step {step}: non-finite loss, update skipped ({bad_steps} of "
-                        f"{train.skip_nonfinite_steps} allowed)")
-                last_data_state = data_state
-                if bar is not None:
-                    bar.update(1)
-                if evaluator is not None and step % train.eval_every == 0:
-                    eval_metrics = evaluator(state.trainable, frozen)
-                    writer.write(step, eval_metrics, prefix="eval_")
-                    log(f"step {step}: eval loss {eval_metrics['loss']:.4f} (ce {eval_metrics['ce']:.4f})")
-                if train.save_every and step % train.save_every == 0:
-                    save(step, data_state)
-                if train.inject_sigterm_at_step == step:  # testing aid: a preemption right here
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if signals.stop_requested():
-                    save(step, data_state)
-                    checkpoints.wait()
-                    result = LoopResult(EXIT_PREEMPTED, step, (
-                        f"{signals.received or 'stop signal'} after step {step}: checkpoint saved in "
-                        f"{checkpoints.directory}; rerun the same command to resume"))
-                    break
-            if result is None:
-                save(step, last_data_state)
-                result = LoopResult(EXIT_OK, step, f"finished {step} steps; checkpoint in {checkpoints.directory}")
-            checkpoints.wait()
+            result = loop.run(signals)
+        checkpoints.wait()
     finally:
-        batches.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    log(result.reason)
+        loop.close()
+    loop.log(result.reason)
     return result
+
+
+class _Loop:
+    """The loop's moving parts: batches, the current state, logging, and the decisions after each step."""
+
+    def __init__(self, trainer: Trainer, run_dir: Path, checkpoints, progress: bool):
+        run, train = trainer.run, trainer.run.train
+        self.trainer, self.train, self.checkpoints = trainer, train, checkpoints
+        main = jax.process_index() == 0
+        sharding = trainer.shardings.batch["input_ids"]
+        slot, count = process_batch_slot(sharding, train.batch_size, train.seq_len)
+        tokenizer = tokenizer_source(run, run_dir)
+        iterator = make_iterator(run, trainer.model_config.vocab_size, "train", slot, count, tokenizer)
+        if trainer.data_state is not None:
+            iterator.set_state(trainer.data_state)
+        self.data_state = iterator.get_state()      # the data position after the last completed step
+        self.evaluator = Evaluator(trainer, tokenizer) if train.eval_every else None
+        self.bar = None
+        if progress and main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=train.steps, initial=trainer.start_step, dynamic_ncols=True, unit="step")
+        self.log = _Log(self.bar)
+        self.log(trainer.describe())
+        self.writer = MetricsWriter(run_dir, enabled=main)
+        self.throughput = Throughput(trainer, train)
+        self.batches = Prefetcher(iterator, train.prefetch)
+        self.state, self.step, self.bad_steps = trainer.state, trainer.start_step, 0
+
+    def run(self, signals: StopSignals) -> LoopResult:
+        while self.step < self.train.steps:
+            try:
+                host_batch, data_state = next(self.batches)
+            except StopIteration:
+                self.log(f"the training data ended after step {self.step}")
+                break
+            finite = self.train_step(host_batch)
+            if not finite and not self.may_skip():
+                return self.stop_nonfinite()
+            self.data_state = data_state
+            self.after_step()
+            if signals.stop_requested():
+                self.save(self.step)
+                return LoopResult(EXIT_PREEMPTED, self.step, (
+                    f"{signals.received or 'stop signal'} after step {self.step}: checkpoint saved in "
+                    f"{self.checkpoints.directory}; rerun the same command to resume"))
+        self.save(self.step)
+        return LoopResult(EXIT_OK, self.step, f"finished {self.step} steps; checkpoint in {self.checkpoints.directory}")
+
+    def train_step(self, host_batch: dict) -> bool:
+        """One step; logs it when due (and always when the loss is not finite). Returns finiteness."""
+        trainer = self.trainer
+        batch = to_global(host_batch, trainer.shardings.batch, self.train.batch_size)
+        self.throughput.start()
+        self.state, metrics = trainer.step_fn(self.state, trainer.frozen, batch)
+        self.step += 1
+        finite = bool(metrics["finite"])  # waits for the step: the stop decision needs it
+        self.throughput.stop()
+        if self.step % self.train.log_every == 0 or self.step == self.train.steps or not finite:
+            record = {**_to_host(metrics), **self.throughput.report()}
+            record["skipped"] = not record.pop("finite")
+            self.writer.write(self.step, record)
+            if self.bar is not None:
+                self.bar.set_postfix(_postfix(record), refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+        return finite
+
+    def may_skip(self) -> bool:
+        self.bad_steps += 1
+        allowed = self.train.skip_nonfinite_steps
+        if self.bad_steps > allowed:
+            return False
+        self.log(f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} of {allowed} allowed)")
+        return True
+
+    def stop_nonfinite(self) -> LoopResult:
+        # The guarded update left weights and optimizer untouched: this is the state after the previous step,
+        # and self.data_state is still the position after that step.
+        self.state = self.state.replace(step=self.state.step - 1)
+        self.step -= 1
+        self.save(self.step)
+        return LoopResult(EXIT_NONFINITE, self.step, (
+            f"step {self.step + 1}: the loss is not finite; stopped with a checkpoint of step {self.step} in "
+            f"{self.checkpoints.directory} (allowed skips: train.skip_nonfinite_steps="
+            f"{self.train.skip_nonfinite_steps}). Lower train.lr, check the data, or allow skips"))
+
+    def after_step(self) -> None:
+        step, train = self.step, self.train
+        if self.evaluator is not None and step % train.eval_every == 0:
+            metrics = self.evaluator(self.state.trainable, self.trainer.frozen)
+            self.writer.write(step, metrics, prefix="eval_")
+            self.log(f"step {step}: eval loss {metrics['loss']:.4f} (ce {metrics['ce']:.4f})")
+        if train.save_every and step % train.save_every == 0:
+            self.save(step)
+        if train.inject_sigterm_at_step == step:  # testing aid: a preemption right here
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def save(self, step: int) -> None:
+        """Start an (async) checkpoint of the current state; the arrays are copied before the next step."""
+        if step in self.checkpoints.all_steps():
+            return
+        params = combine(self.state.trainable, self.trainer.frozen)
+        self.checkpoints.save(step, params, self.state.opt_state, self.trainer.model_config, self.data_state)
+
+    def close(self) -> None:
+        self.batches.close()
+        self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _postfix(record: dict) -> dict:
@@ -245,12 +270,12 @@ class Throughput:
 class Evaluator:
     """Loss on the held-out split: the same ``train.eval_batches`` batches every time."""
 
-    def __init__(self, trainer: Trainer, slot_for, tokenizer):
+    def __init__(self, trainer: Trainer, tokenizer):
         run = trainer.run
         self.trainer = trainer
         self.batch_size = eval_batch_size(run)
         self.sharding = trainer.shardings.batch
-        slot, count = slot_for(self.sharding["input_ids"], self.batch_size, run.train.seq_len)
+        slot, count = process_batch_slot(self.sharding["input_ids"], self.batch_size, run.train.seq_len)
         self.iterator = make_iterator(run, trainer.model_config.vocab_size, "eval", slot, count, tokenizer)
 
     def __call__(self, trainable: dict, frozen: dict) -> dict:
