@@ -68,7 +68,8 @@ def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise EvalInputError(f"{path}:{number}: not valid JSON ({err.msg}); write one JSON object per line") from None
+            raise EvalInputError(f"{path}:{number}: not valid JSON ({err.msg}); write one JSON object per line"
+                                 ) from None
         if not isinstance(record, dict):
             raise EvalInputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))

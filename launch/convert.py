@@ -96,7 +96,8 @@ def logit_gap(config_a, params_a, config_b, params_b, ids) -> float:
     """Largest absolute logit difference between two models on ``ids``."""
     import numpy as np
     from jax_controlllm.model import forward
-    return float(np.max(np.abs(np.asarray(forward(config_a, params_a, ids)) - np.asarray(forward(config_b, params_b, ids)))))
+    a, b = np.asarray(forward(config_a, params_a, ids)), np.asarray(forward(config_b, params_b, ids))
+    return float(np.max(np.abs(a - b)))
 
 
 def _as_saved(params, dtype: Optional[str]):
