@@ -87,24 +87,31 @@ def _knowledge_probes(run_dir: Path):
 
 
 def evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir: Path, spec: ReportSpec,
-                  progress: bool = True) -> dict:
-    """Base and trained model on the same probes: acquisition, verified retention and KL from the base."""
+                  progress: bool = True, base_cache: Optional[dict] = None) -> dict:
+    """Base and trained model on the same probes: acquisition, verified retention and KL from the base.
+    ``base_cache`` (a dict kept by the caller) reuses the base model's results across trained models."""
+    cache = base_cache if base_cache is not None else {}
+
+    def base_probes(key, probes):
+        if key not in cache:
+            cache[key] = probe_accuracy(base_config, base_params, tokenizer, probes, batch_size=spec.batch_size,
+                                        progress=progress)
+        return cache[key]
+
     from jax_controlllm.evaluate import probe_accuracy, retention_report, text_batches
     from jax_controlllm.retention.general import GENERAL_TEXT
 
     report: dict = {}
     knowledge = _knowledge_probes(run_dir)
     if spec.knowledge_probes and knowledge:
-        before = probe_accuracy(base_config, base_params, tokenizer, knowledge, batch_size=spec.batch_size,
-                                progress=progress)
+        before = base_probes("knowledge", knowledge)
         after = probe_accuracy(config, params, tokenizer, knowledge, batch_size=spec.batch_size, progress=progress)
         report["acquisition"] = {"base": before["summary"], "trained": after["summary"],
                                  "examples": [{k: it[k] for k in ("prompt", "answer", "output", "exact_match")}
                                               for it in after["items"][:5]]}
     if spec.retention_probes:
         probes = _retention_probes()
-        base = probe_accuracy(base_config, base_params, tokenizer, probes, batch_size=spec.batch_size,
-                              progress=progress)
+        base = base_probes("retention", probes)
         verified = [p for p, it in zip(probes, base["items"]) if it["exact_match"]]
         if not verified:
             raise ConfigError("report: the base model answers none of the general-knowledge probes; "
