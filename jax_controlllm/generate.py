@@ -446,5 +446,6 @@ def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None
     from jax_controlllm.convert.auto import load_pretrained
 
     source = tokenizer_source_for(model, tokenizer)   # fail on a missing tokenizer before loading weights
-    config, params = load_pretrained(model, dtype=dtype)
+    step_dir = (Path(model) / "params").is_dir() and (Path(model) / "model_config").is_dir()
+    config, params = load_pretrained(model, format="orbax" if step_dir else "auto", dtype=dtype)
     return config, params, load_tokenizer(source)

@@ -194,3 +194,25 @@ def test_existing_output_needs_overwrite(tmp_path, plain, capsys):
     (tmp_path / "hf").mkdir()
     line = fails(capsys, "orbax-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"))
     assert "already exists" in line and "--overwrite" in line
+
+
+def test_training_run_step_directory_exports_and_generates(tmp_path, plain, tokenizer_dir):
+    """A step directory of a training run (RUN/checkpoints/<step>) with the run's tokenizer in RUN/tokenizer."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from jax_controlllm.checkpoint import RunCheckpoints
+    from jax_controlllm.generate import generate_text, load_for_inference
+
+    run = tmp_path / "run"
+    manager = RunCheckpoints(run, async_save=False)
+    manager.save(5, plain[1], {"mu": jnp.zeros(2)}, plain[0], {"position": 0})
+    manager.close()
+    shutil.copytree(tokenizer_dir, run / "tokenizer")
+    step = run / "checkpoints" / "5"
+    config, params, tokenizer = load_for_inference(step)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert generate_text(config, params, tokenizer, ["The quick"], max_new_tokens=3)[0].tokens
+    report = convert.orbax_to_hf(str(step), str(tmp_path / "hf"))
+    assert report["max_abs_logit_error"] <= 1e-5 and (tmp_path / "hf" / "tokenizer.json").is_file()
