@@ -443,9 +443,10 @@ def _tokenizer_of_run(path: str | Path):
 
 def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None, dtype: Optional[str] = "float32"):
     """(config, params, tokenizer) for an HF directory, a .gguf file, ``"smollm2"`` or one of our checkpoints."""
-    from jax_controlllm.convert.auto import load_pretrained
+    from jax_controlllm.convert.auto import detect_format, load_pretrained
 
-    source = tokenizer_source_for(model, tokenizer)   # fail on a missing tokenizer before loading weights
     step_dir = (Path(model) / "params").is_dir() and (Path(model) / "model_config").is_dir()
-    config, params = load_pretrained(model, format="orbax" if step_dir else "auto", dtype=dtype)
+    kind = "orbax" if step_dir else detect_format(model)   # is there a model at all?
+    source = tokenizer_source_for(model, tokenizer)         # fail on a missing tokenizer before loading weights
+    config, params = load_pretrained(model, format=kind, dtype=dtype)
     return config, params, load_tokenizer(source)
