@@ -11,11 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/default.yaml", help="YAML run config")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, tensorboard/, config.yaml); "

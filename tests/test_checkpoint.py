@@ -12,7 +12,7 @@ import pytest
 from jax_controlllm.checkpoint import RunCheckpoints, load_model, model_config_from_json, model_config_to_json, \
     save_model
 from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
-from jax_controlllm.model.control import expand
+from jax_controlllm.model.control import expand, expanded_config
 from jax_controlllm.model.params import init_params
 from test_train_helpers import REPO, check, run_python, subprocess_env
 
@@ -22,7 +22,8 @@ def tiny_expanded():
     base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2)
     exp = ExpansionConfig(expand_type="concat", num_exp_layers=1, merge_method="dlerp")
-    return expand(base, init_params(base, jax.random.key(0)), exp, jax.random.key(1))
+    params = jax.jit(lambda key: init_params(base, key))(jax.random.key(0))
+    return expanded_config(base, exp), jax.jit(lambda p: expand(base, p, exp, jax.random.key(1))[1])(params)
 
 
 def assert_trees_equal(a, b):

@@ -180,3 +180,39 @@ def test_skipped_nonfinite_step_leaves_the_weights_untouched(tiny_trainer, tmp_p
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), params[4], params[3])
     assert any(jax.tree.leaves(moved))                                          # step 4 trained again
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params[4]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting from a base model
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    """A random plain tiny Llama written as a Hugging Face directory and as one of our exports."""
+    from jax_controlllm.checkpoint import save_model
+    from jax_controlllm.convert import save_hf
+    run = tiny_run_config()
+    base = dataclasses.replace(run.model, trainable_layers=None)
+    params = jax.jit(lambda key: init_params(base, key))(jax.random.key(42))
+    root = tmp_path_factory.mktemp("bases")
+    save_hf(base, params, root / "hf")
+    save_model(base, params, root / "export")
+    return root, base, params
+
+
+@pytest.mark.parametrize("kind", ["hf", "export"])
+def test_training_starts_from_the_base_weights_expanded(base_dirs, kind):
+    from jax_controlllm.convert import to_hf_tensors
+    root, base, base_params = base_dirs
+    run = tiny_run_config(f"base.path={root / kind}")
+    trainer = build_trainer(run, make_mesh("1"))
+    assert trainer.source == f"base model {root / kind}" and trainer.model_config.expansion is not None
+    got = to_hf_tensors(trainer.model_config, trainer.params())
+    want = to_hf_tensors(base, base_params)
+    for layer in (1, 3):  # the expanded layers: both branches start as the base layer
+        for branch in ("pretrained_layer", "expanded_layer"):
+            np.testing.assert_array_equal(got[f"model.layers.{layer}.{branch}.mlp.up_proj.weight"],
+                                          want[f"model.layers.{layer}.mlp.up_proj.weight"])
+    np.testing.assert_array_equal(got["model.layers.0.self_attn.q_proj.weight"],
+                                  want["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(got["lm_head.weight"], want["lm_head.weight"])

@@ -68,10 +68,17 @@ class MemoryReport:
         return "\n".join(lines)
 
 
+# v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"); v5e / v6e have one.
+CHIP_CONFIG = {"v4": "megacore", "v5p": "megacore", "v5e": "default", "v6e": "default"}
+
+
 def topology_devices(topology: str) -> list:
+    family = topology.split(":")[0].lower()
+    options = {"chip_config_name": CHIP_CONFIG[family], "chips_per_host_bounds": (2, 2, 1)} \
+        if family in CHIP_CONFIG else {}
     try:
         from jax.experimental import topologies
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **options).devices)
     except Exception as err:  # noqa: BLE001 - missing libtpu shows up as several exception types
         raise ConfigError(f"--aot-topology {topology}: cannot describe this TPU topology ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); it needs libtpu: pip install "
