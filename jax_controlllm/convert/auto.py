@@ -28,7 +28,9 @@ def detect_format(path: str | Path) -> str:
         raise ConfigError(f"base.path: {p} is a file but not .gguf; for Hugging Face weights give the directory")
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         return "hf"
-    if (p / "model_config.json").is_file() or (p / "checkpoints").is_dir() or any(c.name.isdigit() for c in p.iterdir()):
+    step_dir = (p / "params").is_dir() and (p / "model_config").is_dir()   # RUN/checkpoints/<step>
+    if (p / "model_config.json").is_file() or (p / "checkpoints").is_dir() or step_dir \
+            or any(c.name.isdigit() for c in p.iterdir()):
         return "orbax"
     raise ConfigError(f"base.path: cannot tell what {p} holds (no config.json + safetensors, no Orbax checkpoint)")
 
