@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
+
+POSITIVE_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "max_position_embeddings")
+
 
 @dataclass
 class ModelConfig:
@@ -68,10 +73,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        if self.head_dim is None and self.num_attention_heads:   # 0 heads: validate() says so
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        for name in POSITIVE_MODEL_FIELDS:
+            _check(getattr(self, name) >= 1, f"model.{name}", f"must be at least 1, got {getattr(self, name)}")
         _check(self.hidden_act == "silu", "model.hidden_act",
                f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_key_value_heads",
@@ -131,6 +138,7 @@ class ExpansionConfig:
                f"must be 0 (plain RMSNorm), in (0, 1] (fixed mix) or -1 (learnable), got {a}")
         _check(self.num_exp_layers >= 1, "expansion.num_exp_layers",
                f"must be at least 1, got {self.num_exp_layers}")
+        _check_int_list(self.layers, "expansion.layers")
         if model is not None:
             from jax_controlllm.model.control import selected_layers  # local: avoid import cycle
             selected_layers(self, self.num_ori_layers or model.num_hidden_layers)
@@ -170,6 +178,18 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0             # for the MFU estimate; 0: from the device kind (none on CPU)
     prefetch: int = 2                              # batches prepared ahead in a background thread
 
+    def validate(self) -> None:
+        for name, least in TRAIN_MINIMUMS.items():
+            value = getattr(self, name)
+            _check(value >= least, f"train.{name}", f"must be at least {least}, got {value}")
+        _check_int_list(self.trainable_layers, "train.trainable_layers")
+
+
+# Integer train settings and their smallest valid value (0 where 0 means "off" or "none").
+TRAIN_MINIMUMS = {"steps": 0, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "warmup_steps": 0, "log_every": 1,
+                  "eval_every": 0, "eval_batches": 0, "save_every": 0, "keep_last": 1, "keep_every": 0,
+                  "skip_nonfinite_steps": 0, "prefetch": 0}
+
 
 @dataclass
 class MeshConfig:
@@ -203,6 +223,7 @@ class RunConfig:
         self.model.validate()
         if self.expansion is not None:
             self.expansion.validate(self.model)
+        self.train.validate()
         _check(self.train.mode in ("controlllm", "full", "partial"), "train.mode",
                f"{self.train.mode!r} is not one of controlllm, full, partial")
         _check(self.train.batch_size % self.train.grad_accum == 0, "train.grad_accum",
@@ -218,6 +239,11 @@ def _check(ok: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
+def _check_int_list(values: Optional[list], where: str) -> None:
+    bad = [v for v in values or [] if isinstance(v, bool) or not isinstance(v, int)]
+    _check(not bad, where, f"expected a list of layer indices (integers), got {_show(values)}")
+
+
 def _unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -228,14 +254,17 @@ def _unwrap_optional(tp):
 
 def _coerce(value, tp, where: str):
     """Coerce a YAML/CLI value to the annotated field type, or raise a ConfigError naming the field."""
+    optional = _unwrap_optional(tp) is not tp
     tp = _unwrap_optional(tp)
-    if value is None or tp is Any:
+    if tp is Any or (value is None and optional):
         return value
+    if value is None:
+        raise ConfigError(f"{where}: expected {_expected(tp)}, got null; remove the key to keep the default")
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {_show(value)}")
         return from_dict(tp, value, where)
     origin = typing.get_origin(tp)
     if tp is bool:
@@ -252,24 +281,41 @@ def _coerce(value, tp, where: str):
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if not isinstance(number, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {_show(value)}")
         if tp is int:
-            if float(number) != int(number):
+            if isinstance(number, float) and not (math.isfinite(number) and number == int(number)):
                 raise ConfigError(f"{where}: expected an integer, got {value!r}")
             return int(number)
-        return float(number)
+        try:
+            return float(number)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{where}: {_show(value)} is out of range for a number") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {_show(value)}")
         return str(value)
     if tp in (list, dict) or origin in (list, dict):
         want = origin or tp
         if want is list and isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, want):
-            raise ConfigError(f"{where}: expected a {want.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected a {want.__name__}, got {type(value).__name__} {_show(value)}")
         return value
     return value
+
+
+def _expected(tp) -> str:
+    if dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict:
+        return "a mapping"
+    if tp is list or typing.get_origin(tp) is list:
+        return "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _show(value, limit: int = 80) -> str:
+    """repr of a value, cut short: an error message stays one readable line whatever the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def from_dict(cls, data: dict, where: str = ""):
@@ -296,7 +342,7 @@ def to_dict(obj) -> dict:
 def _parse_scalar(text: str):
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -326,6 +372,8 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: nested more deeply than a config can be") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -333,11 +381,36 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 100_000, 64     # far beyond any real config
+
+
+def plain_copy(data: dict, where: str) -> dict:
+    """A deep copy of config data as plain JSON types. Refuses data that expands past MAX_CONFIG_VALUES values
+    or MAX_CONFIG_DEPTH levels (YAML aliases can repeat a node exponentially or refer to themselves) and values
+    that are not plain data (dates, sets, binary), with a ConfigError."""
+    count, stack = 0, [(data, 0)]
+    while stack:                                   # iterative and bounded: cycles just hit the limit
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: expands to more than {MAX_CONFIG_VALUES} values or {MAX_CONFIG_DEPTH} "
+                              f"levels (YAML anchors that repeat or contain themselves?); write the values out")
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, depth + 1) for child in node)
+    try:
+        return json.loads(json.dumps(data))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: holds a value that is not plain data ({err}); use numbers, strings, "
+                          f"lists and mappings") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> RunConfig:
     """YAML file (or dict) + dotted overrides -> validated RunConfig."""
     raw = read_yaml(path) if path is not None else dict(data or {})
-    raw = json.loads(json.dumps(raw))  # deep copy, plain types
+    raw = plain_copy(raw, f"config file {path}" if path is not None else "config")
     apply_overrides(raw, overrides or [])
     config = from_dict(RunConfig, raw)
     config.validate()
