@@ -93,3 +93,35 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, 
     assert [resumed[s] for s in range(1, 11)] == [reference[s] for s in range(1, 11)]  # exact
     evals = [[r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r] for d in (straight, stopped)]
     assert evals[0] == evals[1] and len(evals[0]) == 2
+
+
+def test_mesh_flags_become_config_overrides():
+    from jax_controlllm.config import load_config
+    from launch.train import overrides_from, parse_args
+    args = parse_args(["--config", str(TINY), "--mesh", "1x1x1", "--mesh-axes", "data,fsdp,tensor",
+                       "--steps", "7", "--set", "train.lr=0.5"])
+    run = load_config(args.config, overrides_from(args))
+    assert run.mesh.shape == "1x1x1" and run.mesh.axes == ["data", "fsdp", "tensor"]
+    assert run.train.steps == 7 and run.train.lr == 0.5
+
+
+@pytest.mark.slow
+def test_resume_with_the_data_pipeline_continues_the_token_stream(tmp_path, cache_dir):
+    """Real data (JSONL + a tokenizer): the pipeline's state travels with the checkpoint."""
+    from jax_controlllm.data.testing import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox number {i * 7} jumps."}) + "\n"
+                              for i in range(120)))
+    common = ["--config", str(TINY), "--steps", "4", "--set", "model.vocab_size=512",
+              "--set", f"data={{sources: [{corpus}], tokenizer: {tokenizer}}}",
+              "--set", "train.eval_every=0", "--set", "train.save_every=0"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    check(run_cli([*common, "--out", str(straight)], cache_dir))
+    preempt = [*common, "--out", str(stopped), "--set", "train.inject_sigterm_at_step=2"]
+    check(run_cli(preempt, cache_dir), expect=75)
+    saved = json.loads((stopped / "checkpoints" / "2" / "data_state" / "process_0.json").read_text())
+    assert saved["batches"] == 2 and saved["format"] == "jax_controlllm.data/1"
+    check(run_cli(preempt, cache_dir))
+    resumed, reference = train_losses(stopped), train_losses(straight)
+    assert [resumed[s] for s in range(1, 5)] == [reference[s] for s in range(1, 5)]
