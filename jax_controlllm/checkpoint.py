@@ -217,6 +217,9 @@ def save_model(config: ModelConfig, params: dict, path: str | Path, overwrite: b
             raise FileExistsError(f"{out} already exists; remove it or pass overwrite=True")
         if jax.process_index() == 0:
             shutil.rmtree(out)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("save_model: old export removed")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", params)
         ckptr.wait_until_finished()

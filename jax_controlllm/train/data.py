@@ -146,8 +146,10 @@ def write_gguf_tokenizer(gguf_path: Optional[str], out_dir: Path) -> Path:
     path = gguf_path or gguf.smollm2_gguf_path()
     files = gguf.tokenizer_files(gguf._metadata(gguf._open(path)), path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
+    for name, text in files.items():  # every process may get here: write aside, then rename (atomic)
+        tmp = out_dir / f".{name}.{jax.process_index()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out_dir / name)
     return out_dir
 
 
