@@ -222,7 +222,7 @@ class ParquetSource:
             try:
                 counts.append(pq.ParquetFile(path).metadata.num_rows)
             except Exception as err:  # pyarrow raises several types for a corrupt file
-                raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+                raise _unreadable_parquet(path, err) from None
         self._offsets = np.cumsum([0] + counts).tolist()
         self._tables: dict[int, Any] = {}
 
@@ -237,13 +237,22 @@ class ParquetSource:
         row = i - self._offsets[file]
         where = f"{self.paths[file]} row {row}"
         if file not in self._tables:
-            self._tables[file] = pq.read_table(self.paths[file], memory_map=True)
+            try:
+                self._tables[file] = pq.read_table(self.paths[file], memory_map=True)
+            except Exception as err:  # a footer that reads but damaged pages: the whole file is unusable
+                raise _unreadable_parquet(self.paths[file], err) from None
         table = self._tables[file]
         try:
             fields = {name: table.column(name)[row].as_py() for name in table.column_names}
         except UnicodeDecodeError as err:
             return BadRecord(where, f"invalid UTF-8 ({err.reason})", self.source)
         return Record(fields, where, self.source)
+
+
+def _unreadable_parquet(path: str, err: Exception) -> DataError:
+    reason = " ".join(str(err).split()) or type(err).__name__      # pyarrow's messages span several lines
+    return DataError(f"{path}: not a readable Parquet file ({reason[:300]}); re-create it or remove it from "
+                     f"data.sources")
 
 
 class DatasetSource:
