@@ -10,10 +10,9 @@ import pytest
 
 from jax_controlllm.circuits import attribute, circuit_model, evaluate_circuit, full_circuit, hit_at_k, top_n_circuit
 from jax_controlllm.config import model_config_from_hf
+from reference import reference_dir
 
-CASE = Path(__file__).resolve().parents[1] / "shared" / "reference" / "circuits" / "tiny_llama_mha"
-if not CASE.is_dir():
-    CASE = Path("/work/shared/reference/circuits/tiny_llama_mha")
+CASE = reference_dir("circuits", "tiny_llama_mha")
 pytestmark = pytest.mark.skipif(not CASE.is_dir(), reason=f"reference case not found at {CASE}")
 
 

@@ -15,8 +15,9 @@ from jax_controlllm.losses import controlllm_loss
 from jax_controlllm.model import forward, init_params, segment_of
 from jax_controlllm.model.control import expand, trainable_mask
 from jax_controlllm.model.layout import selected_layers
+from reference import reference_dir
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "controlllm"
+REF = reference_dir("controlllm")
 CASES = sorted(p.name for p in REF.iterdir() if (p / "base").is_dir()) if REF.is_dir() else []
 needs_ref = pytest.mark.skipif(not CASES, reason="shared/reference/controlllm not present")
 
