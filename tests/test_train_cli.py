@@ -57,10 +57,20 @@ def run_4x8(tmp_path_factory, cache_dir):
     return out
 
 
+# One device, checkpoints only at the end (through the async path): the reference of the two tests below.
+SINGLE = ["--config", str(TINY), "--mesh", "1x1", "--set", "train.save_every=0", "--set", "train.async_checkpoint=true"]
+
+
+@pytest.fixture(scope="module")
+def run_1x1(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("run_1x1")
+    check(run_cli([*SINGLE, "--out", str(out)], cache_dir))
+    return out
+
+
 @pytest.mark.slow
-def test_4x8_mesh_gives_the_losses_of_one_device(run_4x8, tmp_path, cache_dir):
-    single = tmp_path / "run_1x1"
-    check(run_cli(["--config", str(TINY), "--out", str(single), "--mesh", "1x1"], cache_dir))
+def test_4x8_mesh_gives_the_losses_of_one_device(run_4x8, run_1x1):
+    single = run_1x1
     sharded, reference = train_losses(run_4x8), train_losses(single)
     assert sorted(reference) == list(range(1, 11)) and sorted(sharded) == sorted(reference)
     np.testing.assert_allclose([sharded[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)], rtol=1e-5)
@@ -76,22 +86,21 @@ def test_4x8_mesh_gives_the_losses_of_one_device(run_4x8, tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, cache_dir):
-    common = ["--config", str(TINY), "--set", "train.save_every=0", "--set", "train.async_checkpoint=true"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    check(run_cli([*common, "--out", str(straight)], cache_dir))
-    preempt = [*common, "--out", str(stopped), "--set", "train.inject_sigterm_at_step=5"]
+def test_sigterm_then_resume_matches_an_uninterrupted_run_bit_for_bit(run_1x1, tmp_path, cache_dir):
+    stopped = tmp_path / "stopped"
+    preempt = [*SINGLE, "--out", str(stopped), "--set", "train.inject_sigterm_at_step=5"]
     first = check(run_cli(preempt, cache_dir), expect=75)
     assert "SIGTERM after step 5: checkpoint saved" in first.stderr
     assert sorted(train_losses(stopped)) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["5"]
     data_state = json.loads((stopped / "checkpoints" / "5" / "data_state" / "process_0.json").read_text())
     assert data_state == {"format": "synthetic/1", "batches": 5}
     second = check(run_cli(preempt, cache_dir))      # the same command resumes
     assert "from checkpoint step 5" in second.stderr
-    resumed, reference = train_losses(stopped), train_losses(straight)
+    resumed, reference = train_losses(stopped), train_losses(run_1x1)
     assert sorted(resumed) == list(range(1, 11))
     assert [resumed[s] for s in range(1, 11)] == [reference[s] for s in range(1, 11)]  # exact
-    evals = [[r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r] for d in (straight, stopped)]
+    evals = [[r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r] for d in (run_1x1, stopped)]
     assert evals[0] == evals[1] and len(evals[0]) == 2
 
 
