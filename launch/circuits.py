@@ -57,7 +57,9 @@ def parse_corpus_args(argv) -> argparse.Namespace:
 
 def load_tokenizer(path: Path):
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    # a file, a tokenizer/HF directory, or a training run directory (which keeps its tokenizer in tokenizer/)
+    candidates = [path] if not path.is_dir() else [path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"]
+    file = next((c for c in candidates if c.is_file()), candidates[0])
     if file.is_file():
         from tokenizers import Tokenizer
         return Tokenizer.from_file(str(file))
