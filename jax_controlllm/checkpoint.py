@@ -12,6 +12,10 @@ A step directory appears only when every item is written: Orbax writes into
 ``latest_step`` (and so a resume) would pick. Restores go through abstract targets (ShapeDtypeStruct with
 shardings), so a checkpoint written on one mesh loads onto any other.
 
+Writes stay inside ``RUN/checkpoints``: steps are non-negative integers, and symbolic links in the way are refused.
+A save that cannot be written (disk full, quota, permissions) raises ``CheckpointWriteError`` with a one-line
+message; the checkpoints already there are left untouched (Orbax deletes old steps only after a new one is whole).
+
 Standalone export (``save_model``)::
 
     EXPORT/model_config.json   the full ModelConfig (expansion included)
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +42,13 @@ from jax_controlllm.config import ConfigError, ModelConfig, from_dict
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "model_config", "data_state")
 TMP_MARKER = ".orbax-checkpoint-tmp"      # Orbax's name for a step directory still being written
+SAVE_INODES = 256                         # files a save may create, with room to spare (it makes ~50)
+OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")   # how tensorstore names the OS error behind a failed write
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions, I/O). The message is one line: which
+    step, why, which checkpoints are intact, and how to resume."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +116,9 @@ class RunCheckpoints:
                  read_only: bool = False):
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
         if not read_only:
+            refuse_links(self.directory)
             remove_interrupted_saves(self.directory)
+        self._pending: Optional[int] = None       # the step whose async save may still be running
         policies = [keep.LatestN(max(keep_last, 1))]
         if keep_every > 0:
             policies.append(keep.EveryNSteps(keep_every))
@@ -118,11 +134,19 @@ class RunCheckpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params: dict, opt_state, model_config: ModelConfig, data_state: dict) -> None:
-        """Start saving (asynchronously when enabled); the arrays may be donated right after this returns."""
+        """Start saving (asynchronously when enabled); the arrays may be donated right after this returns.
+        Raises CheckpointWriteError if this save, or the previous asynchronous one, cannot be written."""
+        step = checked_step(step)
+        self.wait()                               # the previous save's failure surfaces here, under its own step
+        self._check_free_space(step, (params, opt_state))
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                                   model_config=ocp.args.JsonSave(model_config_to_json(model_config)),
                                   data_state=DataStateSave(data_state))
-        self.manager.save(step, args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as err:
+            raise self._write_error(step, err) from None
+        self._pending = step
 
     def read_model_config(self, step: int) -> ModelConfig:
         data = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
@@ -140,11 +164,95 @@ class RunCheckpoints:
                         out["data_state"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the last save is on disk; CheckpointWriteError if it could not be written."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._write_error(step, err) from None
+
+    def _check_free_space(self, step: int, trees) -> None:
+        """Refuse a save that cannot fit before starting it: a disk found full in the middle of an asynchronous
+        save is only reported one save later, amid Orbax's and tensorstore's own error output."""
+        need = int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(trees)) * 1.05) + (1 << 20)
+        try:
+            fs = os.statvfs(self.directory)
+        except OSError:                           # not a local filesystem: the write itself will tell
+            return
+        free, inodes = fs.f_bavail * fs.f_frsize, fs.f_favail
+        # a save creates a few dozen files (Orbax's OCDBT format packs the arrays); f_files 0: no inode limit
+        fits = free >= need and (fs.f_files == 0 or inodes >= SAVE_INODES)
+        if jax.process_count() > 1:               # every process must take the same decision
+            from jax.experimental import multihost_utils
+            fits = bool(np.all(multihost_utils.process_allgather(np.array([fits]))))
+        if not fits:
+            raise self._failed(step, f"not enough free space ({need / 2**20:.1f} MiB and {SAVE_INODES} inodes "
+                                     f"needed, {free / 2**20:.1f} MiB and {inodes} inodes free)")
+
+    def _write_error(self, step: Optional[int], err: Exception) -> Exception:
+        """A CheckpointWriteError for an OS-level write failure; any other error is returned as it is."""
+        if isinstance(err, OSError):
+            reason = (os.strerror(err.errno) if err.errno else str(err)) + (f" ({err.filename})" if err.filename
+                                                                            else "")
+        elif match := OS_ERROR_CODE.search(str(err)):
+            reason = f"{os.strerror(int(match.group(1)))} (errno {match.group(1)})"
+        else:
+            return err
+        quiet_abandoned_writes()
+        return self._failed(step, reason)
+
+    def _failed(self, step: Optional[int], reason: str) -> CheckpointWriteError:
+        kept = steps_on_disk(self.directory)
+        then = f"resume from step {kept[-1]}" if kept else "start again"
+        return CheckpointWriteError(
+            f"checkpoint {'' if step is None else f'step {step} '}could not be written in {self.directory}: "
+            f"{reason}. Checkpoints intact: {', '.join(map(str, kept)) or 'none'}. Free space (or fix the "
+            f"cause) and rerun the same command to {then}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _AbandonedWrites(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of the sibling writes of a failed save (Orbax
+    leaves them unawaited): the failure was already reported, in one line, as a CheckpointWriteError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        failed_write = isinstance(err, OSError) or bool(err is not None and OS_ERROR_CODE.search(str(err)))
+        return not (failed_write and "never retrieved" in record.getMessage())
+
+
+def quiet_abandoned_writes() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedWrites) for f in logger.filters):
+        logger.addFilter(_AbandonedWrites())
+
+
+def checked_step(step) -> int:
+    """Steps name directories: only non-negative integers, so no step can point outside the checkpoints."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"checkpoint step {step!r}: steps are non-negative integers")
+    return int(step)
+
+
+def steps_on_disk(directory: Path) -> list[int]:
+    """The complete steps: directories named by an integer (interrupted saves keep Orbax's tmp names)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
+
+
+def refuse_links(directory: Path) -> None:
+    """Checkpoints are written, renamed and deleted only inside the run directory: a symbolic link as the
+    checkpoints directory or in it would send writes, restores or deletions elsewhere."""
+    links = [directory] if directory.is_symlink() else \
+        [p for p in directory.iterdir() if p.is_symlink()] if directory.is_dir() else []
+    if links:
+        raise ConfigError(f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); checkpoints are only "
+                          f"written inside the run directory. Remove the link, or give the directory it points "
+                          f"to as the run directory (--out)")
 
 
 def remove_interrupted_saves(directory: Path) -> None:
@@ -191,7 +299,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path]:
     if (p / "params").is_dir() and (p / "model_config").is_dir():
         return p / "params", p / "model_config" / "metadata"
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    steps = sorted(int(c.name) for c in root.iterdir() if c.is_dir() and c.name.isdigit()) if root.is_dir() else []
+    steps = steps_on_disk(root)
     if steps:
         return resolve_model_dir(root / str(steps[-1]))
     raise ConfigError(f"{p}: not a checkpoint; expected a run directory (with {CHECKPOINTS}/<step>/), a step "

@@ -12,8 +12,8 @@
 from jax_controlllm.train.aot import MemoryReport, aot_memory_report
 from jax_controlllm.train.data import SyntheticTokens, check_data_config, make_iterator
 from jax_controlllm.train.distributed import initialize_distributed
-from jax_controlllm.train.loop import (EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, LoopResult,
-                                       train_loop)
+from jax_controlllm.train.loop import (EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_OK,
+                                       EXIT_PREEMPTED, LoopResult, train_loop)
 from jax_controlllm.train.rundir import create_run_dir, open_checkpoints
 from jax_controlllm.train.setup import Trainer, build_trainer, plan_step, trained_model_config
 from jax_controlllm.train.state import TrainState, combine, make_optimizer, partition
@@ -23,4 +23,4 @@ __all__ = ["build_trainer", "Trainer", "plan_step", "trained_model_config", "tra
            "create_run_dir", "open_checkpoints", "aot_memory_report", "MemoryReport", "initialize_distributed",
            "SyntheticTokens", "make_iterator", "check_data_config", "TrainState", "TrainShardings", "partition",
            "combine", "make_optimizer", "BATCH_KEYS", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NONFINITE",
-           "EXIT_PREEMPTED"]
+           "EXIT_PREEMPTED", "EXIT_CHECKPOINT_FAILED"]

@@ -6,6 +6,8 @@ Exit statuses of a run (also those of ``python -m launch.train``):
     1   EXIT_BAD_INPUT   bad config / mesh / paths; a one-line error, nothing written
     3   EXIT_NONFINITE   loss or gradients not finite (more than train.skip_nonfinite_steps times);
                          the last good state was checkpointed
+    74  EXIT_CHECKPOINT_FAILED  a checkpoint could not be written (disk full, quota, permissions): one line
+                         says why; the checkpoints already written are intact (74 is EX_IOERR)
     75  EXIT_PREEMPTED   SIGTERM / SIGINT (e.g. TPU preemption): a checkpoint of the current step was written;
                          rerun the same command to resume (75 is EX_TEMPFAIL: "try again")
 """
@@ -22,13 +24,14 @@ from typing import Optional
 import jax
 import numpy as np
 
+from jax_controlllm.checkpoint import CheckpointWriteError, steps_on_disk
 from jax_controlllm.train.data import (Prefetcher, eval_batch_size, make_iterator, process_batch_slot,
                                        to_global, tokenizer_source)
 from jax_controlllm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jax_controlllm.train.setup import Trainer
 from jax_controlllm.train.state import combine
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 1, 3, 75
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED = 0, 1, 3, 74, 75
 
 
 @dataclass
@@ -104,6 +107,9 @@ def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: boo
         with jax.set_mesh(trainer.mesh), StopSignals() as signals:
             result = loop.run(signals)
         checkpoints.wait()
+    except CheckpointWriteError as err:      # disk full & co: stop, the checkpoints already written stay intact
+        kept = steps_on_disk(checkpoints.directory)
+        result = LoopResult(EXIT_CHECKPOINT_FAILED, kept[-1] if kept else 0, str(err))
     finally:
         loop.close()
     loop.log(result.reason)
