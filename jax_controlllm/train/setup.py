@@ -113,9 +113,6 @@ def check_batch(run: RunConfig, mesh, rules: dict) -> None:
                           f"{micro} do not split over the {dp} data-parallel devices ({axes}); use a batch_size "
                           f"that is a multiple of {dp * train.grad_accum} (--set train.batch_size="
                           f"{dp * train.grad_accum * max(micro // dp, 1)}) or a mesh with fewer batch devices")
-    if train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size: {train.batch_size} is not divisible by the {jax.process_count()} "
-                          f"processes; use a multiple of {jax.process_count()}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +208,7 @@ class Trainer:
     frozen: dict
     start_step: int = 0
     data_state: Optional[dict] = None    # the restored data iterator state (None: start of the stream)
-    source: str = "init"                 # checkpoint | base | init
+    source: str = "random init"          # or "checkpoint step N", "base model PATH"
 
     @property
     def model_config(self) -> ModelConfig:
