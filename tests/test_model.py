@@ -99,3 +99,22 @@ def test_bf16_compute_close_to_fp32():
     out = np.asarray(forward(bf, jax.tree.map(lambda x: x.astype("bfloat16"), params), ids))
     assert out.dtype == np.float32
     assert np.abs(out - f32).max() < 0.05 * np.abs(f32).max() + 1e-2
+
+
+def test_relayout_regroups_blocks_when_layers_become_trainable():
+    """Partial tuning changes the scan segments; the same weights must come out under the new layout."""
+    import dataclasses
+    from jax_controlllm.convert import to_hf_tensors
+    from jax_controlllm.model.params import relayout
+    config = tiny(num_hidden_layers=6)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(3)))
+    partial = dataclasses.replace(config, trainable_layers=[4])
+    assert len(segment_of(partial)) > len(segment_of(config))
+    moved = relayout(config, partial, params)
+    before, after = to_hf_tensors(config, params), to_hf_tensors(partial, moved)
+    assert set(before) == set(after)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    ids = np.arange(12)[None] % 128
+    np.testing.assert_allclose(np.asarray(forward(partial, moved, ids)), np.asarray(forward(config, params, ids)),
+                               atol=1e-6)

@@ -197,3 +197,12 @@ def stack_blocks(config: ModelConfig, blocks: list[dict], np_module=jnp) -> dict
                                        *[blocks[seg.block_index(r, j)] for r in range(seg.repeats)])
             for j in range(len(seg.pattern))}
     return layers
+
+
+def relayout(old: ModelConfig, new: ModelConfig, params: dict, np_module=np) -> dict:
+    """The same weights under ``new``'s block layout. Marking layers trainable (partial tuning) changes how
+    blocks group into scan segments, so a tree loaded under the base layout is regrouped here."""
+    if [(s.start, [b.key for b in s.pattern], s.repeats) for s in segment_of(old)] == \
+            [(s.start, [b.key for b in s.pattern], s.repeats) for s in segment_of(new)]:
+        return params
+    return {**params, "layers": stack_blocks(new, unstack_blocks(old, params), np_module)}

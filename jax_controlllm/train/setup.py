@@ -20,7 +20,7 @@ import optax
 
 from jax_controlllm.config import ConfigError, ModelConfig, RunConfig
 from jax_controlllm.model.control import cast_to_specs, expand, expanded_config, trainable_mask
-from jax_controlllm.model.params import abstract_params, init_params
+from jax_controlllm.model.params import abstract_params, init_params, relayout
 from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules, param_shardings
 from jax_controlllm.train.state import (TrainState, count_params, learning_rate_schedule, make_optimizer,
                                         new_state, partition)
@@ -190,8 +190,8 @@ def load_base_weights(run: RunConfig) -> tuple[ModelConfig, dict]:
                                **base_policy(run, depth))
     else:                # GGUF: the depth comes with the tensors; read at master precision, then cast
         config, params = load_pretrained(path, kind, as_numpy=True, dtype=run.model.param_dtype)
-    config = dataclasses.replace(config, **base_policy(run, config.num_hidden_layers))
-    return config, cast_to_specs(config, params)
+    trained = dataclasses.replace(config, **base_policy(run, config.num_hidden_layers))
+    return trained, cast_to_specs(trained, relayout(config, trained, params))
 
 
 # ----------------------------------------------------------------------------------------------
