@@ -1,21 +1,33 @@
-"""Shared fixtures of the reliability suite: one compilation cache and one uninterrupted reference run.
-
-The subprocess tests are in one xdist group (``training``), so they run on one worker, one after the other,
-and share the reference run and the cache."""
+"""Shared fixtures of the reliability suite: one compilation cache and one uninterrupted reference run, both
+shared by the xdist workers (the reference is computed once, under a file lock)."""
+import fcntl
 import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from harness import STEPS, final_params, reference_losses, run_to_end
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """The session's base temporary directory; with xdist, the parent of the workers' ones."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def exclusive(lock_file: Path):
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """A persistent JAX compilation cache for every training subprocess of this session."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):   # shared by the workers: the parent of their base directories
-        base = base.parent
-    path = base / "reliability-jax-cache"
+    """A persistent JAX compilation cache for every training subprocess of the session."""
+    path = shared_dir(tmp_path_factory) / "reliability-jax-cache"
     path.mkdir(exist_ok=True)
     return path
 
@@ -23,9 +35,14 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir):
     """The trial config trained without interruption (no periodic saves: they do not change the losses)."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    training = run_to_end(run_dir, cache_dir, "train.save_every=0")
-    assert training.process.returncode == 0, training.stderr[-4000:]
+    root = shared_dir(tmp_path_factory)
+    run_dir = root / "reliability-reference"
+    with exclusive(root / "reliability-reference.lock"):
+        if not (run_dir / "complete").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            training = run_to_end(run_dir, cache_dir, "train.save_every=0")
+            assert training.process.returncode == 0, training.stderr[-4000:]
+            (run_dir / "complete").touch()
     losses = reference_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return {"dir": run_dir, "losses": losses, "params": final_params(run_dir)}

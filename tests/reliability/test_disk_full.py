@@ -25,7 +25,6 @@ def tree_digest(directory: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("training")
 def test_a_write_error_in_an_async_save_stops_the_run_with_one_line(tmp_path, cache_dir, reference):
     run_dir = tmp_path / "run"
     first = run_to_end(run_dir, cache_dir, "train.inject_sigterm_at_step=3")
@@ -76,7 +75,6 @@ cp -a {mnt}/run {out}/final
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("training")
 def test_a_full_disk_stops_the_run_before_the_save_that_cannot_fit(tmp_path, cache_dir, reference):
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     if not mount_namespace_available(mnt):

@@ -77,7 +77,7 @@ OVERRIDE_KEYS = st.sampled_from(["train.lr", "train", "model.hidden_size", "expa
                                  "model.vocab_size.x", "base.path"])
 OVERRIDE_VALUES = st.one_of(st.text(max_size=24), st.sampled_from(
     ["null", "[1, 2", "{a: 1}", "!!python/object/apply:os.system [ls]", "&a [*a]", "1e999", "-.inf", ".nan",
-     "[]", "{}", "2020-01-01", "[" * 2000]))
+     "[]", "{}", "2020-01-01", "[" * 100]))
 
 
 @PROPERTY
@@ -85,6 +85,11 @@ OVERRIDE_VALUES = st.one_of(st.text(max_size=24), st.sampled_from(
                 max_size=4))
 def test_random_overrides(overrides):
     load_or_config_error(TINY, overrides)
+
+
+def test_an_override_nested_too_deeply_for_yaml_is_taken_as_text():
+    with pytest.raises(ConfigError, match=r"model: expected a mapping, got str '\[\[\["):
+        load_config(TINY, ["model=" + "[" * 2000])
 
 
 def alias_bomb(levels: int = 9) -> str:

@@ -7,7 +7,7 @@ import pytest
 from harness import (EXIT_NONFINITE, EXIT_PREEMPTED, STEPS, check_checkpoint, complete_steps, final_params,
                      read_metrics, run_to_end, same_params)
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("training")]
+pytestmark = pytest.mark.slow
 NAN_STEP = 5
 
 
