@@ -50,9 +50,10 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (isinstance(begin, int) and isinstance(end, int)):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not (isinstance(begin, int) and isinstance(end, int)):
             raise SafetensorsError(f"{path}: tensor {name!r} has an invalid shape or offsets")
         nbytes = int(np.prod(shape, dtype=np.float64)) * np.dtype(DTYPES[dtype]).itemsize
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
