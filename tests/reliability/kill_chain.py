@@ -24,6 +24,7 @@ class Chain:
     def figures(self) -> dict:
         kills = [t for t in self.trials if t.kind.startswith("kill9")]
         terms = [t for t in self.trials if t.kind.startswith("sigterm")]
+        resumed = [t for t in self.trials if t.resumed_from is not None]
         redone = [t.redone_steps for t in kills]
         return {
             "trials": len(self.trials),
@@ -33,13 +34,17 @@ class Chain:
             "kill9_that_interrupted_a_save": sum(t.interrupted_save for t in kills),
             "sigterm": len(terms),
             "sigterm_exit_seconds_max": max((t.exit_seconds for t in terms), default=None),
-            "resumed_from_newest_complete_checkpoint": sum(t.resumed_from == (t.newest_before or 0)
-                                                           for t in self.trials if t.resumed_from is not None)
-            + (self.final_start is not None),
-            "half_written_checkpoints_picked": 0 if not self.problems else None,
-            "checkpointed_steps_lost": 0 if not self.problems else None,
+            # every start that said where it started (plus the finishing one), and how many picked the newest
+            "resumes_checked": len(resumed) + (self.final_start is not None),
+            "resumes_not_from_the_newest_complete_checkpoint": sum(t.resumed_from != (t.newest_before or 0)
+                                                                   for t in resumed),
+            "checkpoints_that_did_not_read_back": sum("does not read back" in p for p in self.problems),
+            # checkpointed work lost: steps between the newest complete checkpoint and where the next start began
+            "checkpointed_steps_lost": sum(max((t.newest_before or 0) - t.resumed_from, 0) for t in resumed)
+            + sum(max((t.newest_before or 0) - (t.newest_after or 0), 0) for t in self.trials),
             "steps_redone_after_kill9_max": max(redone, default=0),
             "steps_redone_after_kill9_total": sum(redone),
+            "loss_records_differing_from_reference": sum(p.startswith("step ") for p in self.problems),
             "problems": len(self.problems),
         }
 

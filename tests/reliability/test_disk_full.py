@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from harness import (EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, STEPS, check_checkpoint, complete_steps,
+from harness import (EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, REPO, STEPS, check_checkpoint, complete_steps,
                      file_size_limit, interrupted_saves, loss_records, run_to_end, subprocess_env, train_command)
 from jax_controlllm.checkpoint import CheckpointWriteError, RunCheckpoints
 from jax_controlllm.config import ModelConfig
@@ -35,11 +35,13 @@ def test_a_write_error_in_an_async_save_stops_the_run_with_one_line(tmp_path, ca
     # inside Orbax's background commit, as when a disk fills up mid-save.
     failed = run_to_end(run_dir, cache_dir, wrapper=file_size_limit(100))
     assert failed.process.returncode == EXIT_CHECKPOINT_FAILED, failed.stderr[-3000:]
-    assert failed.lines[-1] == (
-        f"checkpoint step 4 could not be written in {run_dir / 'checkpoints'}: File too large (errno 27). "
-        f"Checkpoints intact: 1, 2, 3. Free space (or fix the cause) and rerun the same command to resume from "
-        f"step 3"), failed.lines[-1]
-    assert "launch/train.py" not in failed.stderr                 # no traceback of the run itself
+    reason = (f"checkpoint step 4 could not be written in {run_dir / 'checkpoints'}: File too large (errno 27). "
+              f"Checkpoints intact: 1, 2, 3. Free space (or fix the cause) and rerun the same command to resume "
+              f"from step 3")
+    # Orbax and tensorstore print their own reports of the failed writes, from background threads, around it
+    assert failed.lines.count(reason) == 1, failed.stderr[-3000:]
+    own_frames = [f'File "{REPO / package}' for package in ("jax_controlllm", "launch")]
+    assert not any(frame in failed.stderr for frame in own_frames)   # no traceback through the run's own code
     assert complete_steps(run_dir) == [1, 2, 3] and interrupted_saves(run_dir)   # step 4: half-written, ignored
     assert {step: tree_digest(run_dir / "checkpoints" / str(step)) for step in (1, 2, 3)} == before
     records = len(loss_records(run_dir))

@@ -1,0 +1,186 @@
+"""Reliability figures: faults injected into CPU training runs, and what survived them.
+
+    python bench/reliability.py [--trials 40] [--seed 1] [--out bench/results/reliability.json]
+
+1. Trains configs/tiny.yaml (fp32, one CPU device, 60 steps) once without interruption: the reference.
+2. Interrupted starts, ``--trials`` of them kill -9 (45% at a random moment of training, 40% while a checkpoint
+   is being written, 15% during start-up) plus ``--trials / 10`` SIGTERMs mid-save and as many mid-step, with an
+   asynchronous checkpoint after every step. They run in chains of at most 24 starts on one run directory, each
+   chain ending with a start that finishes; the checks are those of tests/reliability/kill_chain.py (the next
+   start resumes from the newest complete checkpoint, that checkpoint reads back whole, SIGTERM exits with 75 and
+   a checkpoint of its step, and every loss any start logged and the final weights equal the reference's bit for
+   bit).
+3. Runs the rest of tests/reliability with pytest (disk full and write errors, NaN/inf, hostile configs, data
+   files, safetensors headers, checkpoint paths) and records each test's outcome.
+
+Prints JSON and writes it to --out, with the command, the machine and the versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "reliability"))
+
+from harness import STEPS, final_params, reference_losses, run_to_end  # noqa: E402
+from kill_chain import run_chain  # noqa: E402
+
+CHAIN_STARTS = 24      # interrupted starts per run directory: a chain must not reach the last step early
+OTHER_FAULTS = {       # tests of the rest of the suite that inject a fault into a training run
+    "test_a_write_error_in_an_async_save_stops_the_run_with_one_line": "write error (EFBIG) inside an async save",
+    "test_a_full_disk_stops_the_run_before_the_save_that_cannot_fit": "full filesystem (6 MiB tmpfs)",
+    "test_an_injected_nan_stops_the_run_with_the_last_good_checkpoint": "NaN loss, no skips allowed",
+    "test_skip_nonfinite_steps_skips_the_bad_update_and_trains_on": "NaN loss, 1 skip allowed",
+    "test_a_diverging_run_skips_n_bad_steps_then_stops": "inf/NaN from divergence (lr 1e30), 2 skips allowed",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--trials", type=int, default=40, help="kill -9 trials (SIGTERM trials: a fifth as many)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the trial order and timing")
+    p.add_argument("--skip-suite", action="store_true", help="only the kill / SIGTERM trials")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "reliability.json"))
+    return p.parse_args(argv)
+
+
+def trial_counts(kills: int) -> dict[str, int]:
+    startup = round(0.15 * kills)
+    mid_save = round(0.40 * kills)
+    return {"kill9-training": kills - startup - mid_save, "kill9-mid-save": mid_save, "kill9-startup": startup,
+            "sigterm-mid-save": max(kills // 10, 1), "sigterm-mid-step": max(kills // 10, 1)}
+
+
+def split_into_chains(counts: dict[str, int]) -> list[dict[str, int]]:
+    """Chains of at most CHAIN_STARTS starts with the kinds spread evenly."""
+    total = sum(counts.values())
+    n = -(-total // CHAIN_STARTS)
+    return [{kind: count // n + (i < count % n) for kind, count in counts.items()} for i in range(n)]
+
+
+def kill_trials(work: Path, cache: Path, kills: int, seed: int) -> dict:
+    start = time.perf_counter()
+    reference_dir = work / "reference"
+    reference_run = run_to_end(reference_dir, cache, "train.save_every=0")
+    assert reference_run.process.returncode == 0, reference_run.stderr[-3000:]
+    reference = {"losses": reference_losses(reference_dir), "params": final_params(reference_dir)}
+    chains = []
+    for i, counts in enumerate(split_into_chains(trial_counts(kills))):
+        chain = run_chain(work / f"chain{i}", cache, counts, seed + i, reference)
+        chains.append({"figures": chain.figures(), "problems": chain.problems, "trials": chain.records()})
+        print(f"chain {i}: {json.dumps(chain.figures())}", file=sys.stderr, flush=True)
+    figures = [c["figures"] for c in chains]
+    total = lambda key: sum(f[key] for f in figures)  # noqa: E731
+    by_kind: dict[str, int] = {}
+    for f in figures:
+        for kind, n in f["by_kind"].items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+    sigterm_seconds = [f["sigterm_exit_seconds_max"] for f in figures if f["sigterm_exit_seconds_max"] is not None]
+    return {
+        "chains": len(chains), "steps_per_run": STEPS, "interrupted_starts": total("trials"), "by_kind": by_kind,
+        "kill9": total("kill9"), "kill9_that_interrupted_a_save": total("kill9_that_interrupted_a_save"),
+        "sigterm": total("sigterm"), "sigterm_exit_seconds_max": round(max(sigterm_seconds), 2),
+        "resumes_checked": total("resumes_checked"),
+        "resumes_not_from_the_newest_complete_checkpoint": total("resumes_not_from_the_newest_complete_checkpoint"),
+        "checkpoints_that_did_not_read_back": total("checkpoints_that_did_not_read_back"),
+        "checkpointed_steps_lost": total("checkpointed_steps_lost"),
+        "steps_redone_after_kill9_max": max(f["steps_redone_after_kill9_max"] for f in figures),
+        "steps_redone_after_kill9_total": total("steps_redone_after_kill9_total"),
+        "loss_records_differing_from_reference": total("loss_records_differing_from_reference"),
+        "final_weights_bit_exact": not any("final weights" in p for c in chains for p in c["problems"]),
+        "problems": [p for c in chains for p in c["problems"]],
+        "seconds": round(time.perf_counter() - start, 1),
+        "per_chain": chains,
+    }
+
+
+def property_tests() -> int:
+    """Hypothesis-driven tests in the suite (each runs its settings' max_examples, 50)."""
+    import importlib
+    count = 0
+    for path in sorted((REPO / "tests" / "reliability").glob("test_*.py")):
+        module = importlib.import_module(path.stem)
+        count += sum(callable(f) and hasattr(f, "hypothesis") for f in vars(module).values())
+    return count
+
+
+def rest_of_suite(work: Path) -> dict:
+    junit = work / "suite.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "tests/reliability",
+               "--deselect", "tests/reliability/test_kill_resume.py", f"--junitxml={junit}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    tests = []
+    for case in ElementTree.parse(junit).iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+            elif child.tag == "skipped":
+                outcome = "xfailed" if "xfail" in (child.get("type") or "") + (child.get("message") or "") \
+                    else "skipped"
+        tests.append({"test": f"{case.get('classname')}.{case.get('name')}", "outcome": outcome,
+                      "seconds": round(float(case.get("time", 0)), 2)})
+    counts = {o: sum(t["outcome"] == o for t in tests) for o in ("passed", "failed", "skipped", "xfailed")}
+    faults = {desc: next((t["outcome"] for t in tests if t["test"].endswith(name)), "missing")
+              for name, desc in OTHER_FAULTS.items()}
+    return {"command": " ".join(command[1:]), "exit_code": result.returncode, "seconds": round(seconds, 1),
+            **counts, "property_tests": property_tests(), "examples_per_property": 50,
+            "training_faults": faults, "tests": tests}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "load_average_1m": os.getloadavg()[0]}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    packages = ("jax", "jaxlib", "orbax-checkpoint", "tensorstore", "numpy", "pytest", "pytest-xdist", "hypothesis")
+    return {"python": platform.python_version(), **{name: version(name) for name in packages},
+            "jax_controlllm_commit": commit}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
+        work = Path(tmp)
+        cache = work / "jax-cache"
+        cache.mkdir()
+        report = {"benchmark": "reliability",
+                  "what": "faults injected into CPU training runs (configs/tiny.yaml, fp32, async checkpoints) and "
+                          "hostile inputs; every check of tests/reliability applied to each",
+                  "command": "python bench/reliability.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "machine": machine(), "versions": versions(),
+                  "kill_and_sigterm": kill_trials(work, cache, args.trials, args.seed)}
+        if not args.skip_suite:
+            report["suite"] = rest_of_suite(work)
+    trials = {k: v for k, v in report["kill_and_sigterm"].items() if k != "per_chain"}
+    print(json.dumps({**report, "kill_and_sigterm": trials}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    ok = not report["kill_and_sigterm"]["problems"] and report.get("suite", {}).get("exit_code", 0) == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
