@@ -6,6 +6,7 @@ Two kinds of iterator share one interface (``next`` -> dict of int32 numpy [loca
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from pathlib import Path
@@ -112,6 +113,9 @@ def make_iterator(run: RunConfig, vocab_size: int, split: str, process_index: in
     if split == "eval":
         return make_eval_iterator(config, tokenizer, eval_batch_size(run), train.seq_len, process_index,
                                   process_count)
+    # The training loop reads batches ahead in its own thread (Prefetcher, train.prefetch); a second
+    # prefetch thread inside the data pipeline would only stack another queue on top of it.
+    config = dataclasses.replace(config, prefetch=0)
     return make_data_iterator(config, tokenizer, train.batch_size, train.seq_len, train.seed, process_index,
                               process_count, split)
 
