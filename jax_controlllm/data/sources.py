@@ -138,6 +138,17 @@ def decode_utf8(data: bytes) -> tuple[str, str]:
         return "", f"invalid UTF-8 at byte {err.start} ({data[err.start:err.start + 4]!r})"
 
 
+def read_text_line(lines: "LineFiles", i: int, source: int) -> "str | BadRecord":
+    """Line i decoded as UTF-8, or the BadRecord saying why it cannot be (too long, unreadable, not UTF-8)."""
+    data = lines.read(i)
+    if isinstance(data, str):
+        return BadRecord(lines.where(i), data, source)
+    text, problem = decode_utf8(data)
+    if problem:
+        return BadRecord(lines.where(i), problem, source)
+    return text
+
+
 class JsonlSource:
     """One JSON object per line."""
 
@@ -149,12 +160,9 @@ class JsonlSource:
         return len(self.lines)
 
     def __getitem__(self, i: int) -> RecordOrBad:
-        data = self.lines.read(i)
-        if isinstance(data, str):
-            return BadRecord(self.lines.where(i), data, self.source)
-        text, problem = decode_utf8(data)
-        if problem:
-            return BadRecord(self.lines.where(i), problem, self.source)
+        text = read_text_line(self.lines, i, self.source)
+        if isinstance(text, BadRecord):
+            return text
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
@@ -177,12 +185,9 @@ class TextLinesSource:
         return len(self.lines)
 
     def __getitem__(self, i: int) -> RecordOrBad:
-        data = self.lines.read(i)
-        if isinstance(data, str):
-            return BadRecord(self.lines.where(i), data, self.source)
-        text, problem = decode_utf8(data)
-        if problem:
-            return BadRecord(self.lines.where(i), problem, self.source)
+        text = read_text_line(self.lines, i, self.source)
+        if isinstance(text, BadRecord):
+            return text
         return Record({self.field: text}, self.lines.where(i), self.source)
 
 
