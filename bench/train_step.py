@@ -125,6 +125,9 @@ def measure(args) -> dict:
             if i >= args.warmup:
                 times.append(elapsed)
                 losses.append(loss)
+    profile = None
+    if args.profile:
+        profile = profile_steps(compiled, state, trainer.frozen, batches, args.profile)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     step_s = statistics.median(times)
@@ -142,8 +145,66 @@ def measure(args) -> dict:
         "ratio_vs_peer_release_recipe": round(tokens_per_s / PEER_RECIPE, 3),
         "loss_first_last": [losses[0], losses[-1]], "device": device.device_kind, "platform": device.platform,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions(),
+        **({"profile": profile} if profile else {}),
         "command": "python " + " ".join(sys.argv),
     }
+
+
+KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
+    ("attention (cuDNN)", ("cudnn", "flash", "fmha", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "matmul")),
+    ("copy / transpose", ("memcpy", "memset", "copy", "transpose")),
+    ("reduction", ("reduce", "reduction")),
+    ("fused element-wise", ("fusion", "loop_", "input_", "wrapped_")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, state, frozen, batches, out_dir: str, steps: int = 2) -> dict:
+    """Trace ``steps`` steps with jax.profiler and summarise the GPU kernels: total kernel time per step, the
+    share of each kernel class and the top kernels by time. Kernel events are those on device (GPU) tracks."""
+    import jax
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for i in range(steps):
+            state, metrics = step(state, frozen, batches[i % len(batches)])
+        float(metrics["loss"])
+    return summarise_trace(out_dir, steps)
+
+
+def summarise_trace(out_dir: str, steps: int) -> dict:
+    import gzip
+    from collections import Counter
+    path = max(Path(out_dir).rglob("*.trace.json.gz"), key=lambda f: f.stat().st_mtime, default=None) or \
+        max(Path(out_dir).rglob("perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.open(path).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and any(k in str(e.get("args", {}).get("name", "")) for k in ("GPU", "gpu", "/device:"))}
+    # A device track holds kernel threads ("Stream #N ...") beside XLA op/module summary lines that would
+    # double count; keep the stream threads when there are any.
+    threads = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids}
+    streams = {k for k, name in threads.items() if name.lower().startswith("stream")}
+    by_name, total = Counter(), 0.0
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e and \
+                (not streams or (e["pid"], e.get("tid")) in streams):
+            by_name[e["name"]] += float(e["dur"])
+            total += float(e["dur"])
+    by_class = Counter()
+    for name, dur in by_name.items():
+        by_class[kernel_class(name)] += dur
+    share = lambda d: round(d / total, 4) if total else None  # noqa: E731
+    return {"trace": str(path), "device_threads": sorted(set(threads.values()))[:12],
+            "kernel_ms_per_step": round(total / 1e3 / steps, 2),
+            "by_class": {k: share(v) for k, v in by_class.most_common()},
+            "top_kernels": [{"name": n[:120], "class": kernel_class(n), "share": share(d),
+                             "ms_per_step": round(d / 1e3 / steps, 3)} for n, d in by_name.most_common(20)]}
 
 
 def sweep(args) -> list[dict]:
@@ -172,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep", action="store_true", help="run the SWEEP configurations, each in a new process")
     p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--profile", help="after timing, trace two steps into this directory and summarise the kernels")
     p.add_argument("--record", help="append the JSON rows to this results file (a JSON list)")
     args = p.parse_args(argv)
     if args.attention == "cudnn" and args.preset == "smoke":
