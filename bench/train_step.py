@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--remat", default="none", choices=["none", "full", "save_dots", "save_dots_no_batch"])
+    p.add_argument("--remat", default="none", choices=["none", "selective", "full", "save_dots", "save_dots_no_batch"])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
     p.add_argument("--loss-chunk", type=int, default=0)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")

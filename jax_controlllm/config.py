@@ -32,6 +32,9 @@ POSITIVE_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
                         "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
+REMAT_POLICIES = ("none", "selective", "full", "save_dots", "save_dots_no_batch")
+
+
 @dataclass
 class ModelConfig:
     """A Llama-family decoder, with Hugging Face field names so ``config.json`` maps 1:1."""
@@ -57,7 +60,7 @@ class ModelConfig:
     param_dtype: str = "float32"                   # dtype of trainable (master) weights
     frozen_dtype: str = "float32"                  # dtype of frozen weights (bf16 for training)
     compute_dtype: str = "float32"                 # activations / matmul inputs
-    remat: str = "none"                            # none | full | save_dots | save_dots_no_batch
+    remat: str = "none"                            # none | selective | full | save_dots | save_dots_no_batch
     attention_impl: str = "xla"                    # xla (masked softmax) | cudnn (fused, GPU)
     scan_layers: bool = True
     loss_chunk: int = 0                            # sequence positions per LM-head + CE chunk (0: all at once);
@@ -90,8 +93,8 @@ class ModelConfig:
         for name in ("param_dtype", "frozen_dtype", "compute_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"model.{name}",
                    f"{getattr(self, name)!r} is not one of float32, bfloat16, float16")
-        _check(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "model.remat",
-               f"{self.remat!r} is not one of none, full, save_dots, save_dots_no_batch")
+        _check(self.remat in REMAT_POLICIES, "model.remat",
+               f"{self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         _check(self.attention_impl in ("xla", "cudnn"), "model.attention_impl",
                f"{self.attention_impl!r} is not one of xla, cudnn")
         if self.expansion is not None:
