@@ -30,3 +30,34 @@ def test_flops_per_token_matches_the_peer_estimate():
     preset = train_step.PRESETS["w1"]
     config = expanded_config(ModelConfig(**preset["model"]), ExpansionConfig(**preset["expansion"]))
     assert 40e9 < flops_per_token(config, 4096) < 46e9
+
+
+def test_head_logits_gradient_matches_autodiff_and_stays_in_compute_dtype():
+    """The LM head's custom backward equals plain autodiff in float32, and in bfloat16 its matmuls take
+    bfloat16 operands (no float32/TF32 matmul over the vocabulary)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_controlllm.losses import head_logits
+
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 5, 40)), jnp.float32)
+
+    def loss(fn):
+        return lambda h, k: jnp.sum(jax.nn.log_softmax(fn(h, k)) * weights)
+    plain = lambda h, k: jnp.einsum("bsh,hv->bsv", h, k, preferred_element_type=jnp.float32)  # noqa: E731
+    ours = jax.grad(loss(head_logits), argnums=(0, 1))(h, kernel)
+    ref = jax.grad(loss(plain), argnums=(0, 1))(h, kernel)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss(head_logits), argnums=(0, 1)))(h.astype(jnp.bfloat16),
+                                                                         kernel.astype(jnp.bfloat16))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots += [e for eq in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eq.params)
+             for e in sub.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) >= 3
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
