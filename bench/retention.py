@@ -4,6 +4,11 @@ hybrid and Control LLM (concat lerp / dlerp) on the same corpus and token budget
     python bench/retention.py --config configs/retention/experiment.yaml --out runs/retention \
         --record bench/results/retention_cpu.json --plot bench/results/retention_cpu.png
 
+    # equal acquisition: score full tuning's checkpoints along training until it has learned as much as
+    # Control LLM (dlerp) did by the end, and compare retention there
+    python bench/retention.py --methods concat_dlerp full --trajectory full --every 5 \
+        --stop-at-acquisition-of concat_dlerp --record bench/results/retention_equal_acquisition_cpu.json
+
 Each method trains through the library's real training loop (``python -m launch.train`` does the same), then
 ``jax_controlllm.experiment.evaluate_pair`` scores base and trained model on the same probes: acquisition on
 held-out queries about the new entities, retention on general-knowledge probes the base answers correctly, and
@@ -81,6 +86,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every method")
     p.add_argument("--record", help="write the results JSON here")
     p.add_argument("--plot", help="write the acquisition-vs-retention plot (PNG) here")
+    p.add_argument("--trajectory", action="append", default=[], metavar="METHOD",
+                   help="also score METHOD's intermediate checkpoints (every --every steps)")
+    p.add_argument("--every", type=int, default=10, help="checkpoint interval of --trajectory methods")
+    p.add_argument("--stop-at-acquisition-of", metavar="METHOD",
+                   help="stop scoring a trajectory at the first checkpoint whose exact-match acquisition reaches "
+                        "METHOD's final one (METHOD must be listed earlier in --methods)")
     args = p.parse_args(argv)
 
     import jax
@@ -96,27 +107,46 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows, base_cache = [], {}
     base_model = None
-    for name in chosen:
-        run_dir = out / name
-        overrides = shared + args.extra + methods[name]
-        run, described, train_s = train_method(base_yaml, overrides, run_dir)
-        if base_model is None:
-            policy = {k: getattr(run.model, k) for k in ("param_dtype", "frozen_dtype", "compute_dtype")}
-            base_model = load_pretrained(run.base.path, run.base.format, **policy)
-        config, params = load_model(run_dir)
+    def score(name, run, run_dir, model_path, described, train_s, step=None) -> dict:
+        config, params = load_model(model_path)
         tokenizer = load_tokenizer(tokenizer_source(run, run_dir))
         start = time.time()
         report = evaluate_pair(*base_model, config, params, tokenizer, run_dir, ReportSpec(export_hf=False),
                                progress=False, base_cache=base_cache)
         acq, ret = report["acquisition"], report["retention"]
-        row = {"method": name, "overrides": methods[name], "trainable": described,
+        row = {"method": name, **({"step": step} if step is not None else {}), "overrides": methods[name],
+               "trainable": described,
                "acquisition_exact_match": acq["trained"]["exact_match"], "acquisition_hit10": acq["trained"]["hit@10"],
                "acquisition_mean_rank": acq["trained"]["mean_first_token_rank"],
                "base_acquisition_exact_match": acq["base"]["exact_match"],
                "retention": ret["retention"], "kept": ret["kept"], "lost": ret["lost"],
                "kl_from_base": ret.get("kl_from_base"), "train_seconds": round(train_s, 1),
-               "eval_seconds": round(time.time() - start, 1), **final_loss(run_dir)}
+               "eval_seconds": round(time.time() - start, 1)}
         print(json.dumps(row), flush=True)
+        return row
+
+    trajectories = []
+    for name in chosen:
+        run_dir = out / name
+        overrides = shared + args.extra + methods[name]
+        if name in args.trajectory:
+            overrides += [f"train.save_every={args.every}", f"train.keep_every={args.every}"]
+        run, described, train_s = train_method(base_yaml, overrides, run_dir)
+        if base_model is None:
+            policy = {k: getattr(run.model, k) for k in ("param_dtype", "frozen_dtype", "compute_dtype")}
+            base_model = load_pretrained(run.base.path, run.base.format, **policy)
+        if name in args.trajectory:
+            target = next((r["acquisition_exact_match"] for r in rows if r["method"] == args.stop_at_acquisition_of),
+                          None)
+            steps = sorted(int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit())
+            for step in [s for s in steps if s < run.train.steps]:
+                step_dir = run_dir / "checkpoints" / str(step)
+                row = score(name, run, run_dir, step_dir, described, train_s, step=step)
+                trajectories.append(row)
+                if target is not None and row["acquisition_exact_match"] >= target:
+                    break
+        row = score(name, run, run_dir, run_dir, described, train_s)
+        row.update(final_loss(run_dir))
         rows.append(row)
     result = {"what": "retention experiment: acquisition vs retention per tuning method",
               "command": "python bench/retention.py " + " ".join(sys.argv[1:]),
@@ -126,7 +156,7 @@ def main(argv=None) -> int:
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "devices": str(jax.devices())},
               "versions": {"jax": jax.__version__, "python": platform.python_version()},
-              "rows": rows}
+              "rows": rows, **({"trajectories": trajectories} if trajectories else {})}
     if args.record:
         Path(args.record).write_text(json.dumps(result, indent=1, default=str))
     if args.plot:
