@@ -9,8 +9,8 @@ gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the Hugging Face reference model")
 transformers = pytest.importorskip("transformers")
 
-from jax_controlllm.convert.gguf import (GGUFError, gguf_to_hf, gguf_to_hf_dir, load_gguf,  # noqa: E402
-                                         smollm2_gguf_path)
+from jax_controlllm.convert.gguf import (GGUFError, gguf_model_config, gguf_to_hf, gguf_to_hf_dir,  # noqa: E402
+                                         load_gguf, smollm2_gguf_path)
 
 # --------------------------------------------------------------------------------------------
 # Writing synthetic GGUF files the way llama.cpp's convert_hf_to_gguf.py does
@@ -139,6 +139,14 @@ def test_f32_round_trip_is_exact(tmp_path, tie):
     assert config["rms_norm_eps"] == pytest.approx(ref.rms_norm_eps)
     assert config["rope_theta"] == ref.rope_parameters["rope_theta"]
     assert config["rope_scaling"] is None
+
+
+@pytest.mark.parametrize("tie,rope", [(False, False), (True, True)])
+def test_config_from_metadata_alone_equals_the_config_read_with_the_weights(tmp_path, tie, rope):
+    """The trainer reads a GGUF base's architecture without dequantising it (the weights are read once)."""
+    path = write_gguf(tmp_path / "c.gguf", tiny_llama(tie), linear_rope_factor=2.0 if rope else None)
+    full, _ = load_gguf(path, dtype=None)
+    assert gguf_model_config(path) == full
 
 
 def test_q8_0_weights_dequantise_in_hf_layout(tmp_path):

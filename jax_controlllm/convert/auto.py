@@ -54,7 +54,7 @@ def load_pretrained(path: str | Path, format: str = "auto", dtype: Optional[str]
         from jax_controlllm.convert.hf import load_hf
         return load_hf(path, allow_pickle=allow_pickle, as_numpy=as_numpy, **policy)
     from jax_controlllm.checkpoint import load_model
-    config, params = load_model(path)
+    config, params = load_model(path, as_numpy=as_numpy)
     if policy:
         from jax_controlllm.model.control import cast_to_specs
         config = dataclasses.replace(config, **policy)

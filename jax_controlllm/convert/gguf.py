@@ -330,6 +330,29 @@ def _convert_weights(reader, meta: dict, path, progress: bool) -> tuple[dict, di
     return config, tensors
 
 
+def gguf_model_config(path: str | os.PathLike) -> "ModelConfig":
+    """The ModelConfig of a llama GGUF from its metadata and tensor shapes, without dequantising weights
+    (only the small rope_freqs tensor, when present, is read)."""
+    from jax_controlllm.convert.hf import config_from_hf_dict
+
+    reader = _open(path)
+    meta = _metadata(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    embed = by_name.get("token_embd.weight")
+    rope = by_name.get(ROPE_FREQS)
+    hf_config = hf_config_from_metadata(
+        meta, path, rope_freqs=None if rope is None else _dequantize(rope),
+        vocab_size=None if embed is None else int(embed.shape[-1]),  # GGUF shapes list ne0 (hidden) first
+        tied="output.weight" not in by_name,
+        attention_bias="blk.0.attn_q.bias" in by_name)
+    return config_from_hf_dict(hf_config, str(path))
+
+
+def gguf_tokenizer_files(path: str | os.PathLike) -> dict[str, str]:
+    """Hugging Face tokenizer files (name -> text) built from a GGUF's tokenizer metadata."""
+    return tokenizer_files(_metadata(_open(path)), path)
+
+
 def load_gguf(path: str | os.PathLike, dtype: Optional[str] = "float32", as_numpy: bool = False):
     """A llama GGUF as ``(ModelConfig, params)`` for ``jax_controlllm.model.forward``.
 

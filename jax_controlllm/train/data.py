@@ -148,7 +148,7 @@ def write_gguf_tokenizer(gguf_path: Optional[str], out_dir: Path) -> Path:
         return out_dir
     from jax_controlllm.convert import gguf
     path = gguf_path or gguf.smollm2_gguf_path()
-    files = gguf.tokenizer_files(gguf._metadata(gguf._open(path)), path)
+    files = gguf.gguf_tokenizer_files(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():  # every process may get here: write aside, then rename (atomic)
         tmp = out_dir / f".{name}.{jax.process_index()}.tmp"

@@ -89,7 +89,8 @@ def _read_base_config(path: str, fmt: str) -> ModelConfig:
         from jax_controlllm.checkpoint import model_config_from_json, resolve_model_dir
         _, file = resolve_model_dir(path)
         return model_config_from_json(json.loads(file.read_text()), str(file))
-    return load_pretrained(path, kind, as_numpy=True)[0]  # GGUF: the config comes with the tensors
+    from jax_controlllm.convert.gguf import gguf_model_config
+    return gguf_model_config(path)  # metadata and tensor shapes only: the weights are read once, later
 
 
 def trained_model_config(run: RunConfig, base: ModelConfig) -> ModelConfig:
