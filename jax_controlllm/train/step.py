@@ -156,11 +156,19 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = TrainState(state.step + 1, jax.tree.map(keep, trainable, state.trainable),
                                jax.tree.map(keep, opt_state, state.opt_state))
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied_updates(state)),
                    "finite": finite}
         return new_state, metrics
 
     return step
+
+
+def applied_updates(state: TrainState) -> jax.Array:
+    """How many updates the optimizer has applied: its schedule's step, which lags ``state.step`` (batches
+    consumed) by the number of skipped non-finite steps. The logged lr is the one this step uses."""
+    counts = [c for path, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+              if "ScaleBySchedule" in str(path)]
+    return counts[0] if counts else state.step
 
 
 def jit_train_step(step: Callable, shardings: TrainShardings) -> Callable:

@@ -46,6 +46,8 @@ def test_skip_nonfinite_steps_skips_the_bad_update_and_trains_on(tmp_path, cache
     assert [s for s, r in records.items() if r["skipped"]] == [NAN_STEP]
     assert all(records[s]["loss"] == reference["losses"][s] for s in range(1, NAN_STEP))
     assert math.isfinite(records[NAN_STEP + 1]["loss"])
+    # the logged lr is the optimizer's: the skipped update did not advance its schedule
+    assert records[NAN_STEP + 1]["lr"] == records[NAN_STEP]["lr"] != records[NAN_STEP - 1]["lr"]
     before, skipped, after = (check_checkpoint(run_dir, s) for s in (NAN_STEP - 1, NAN_STEP, NAN_STEP + 1))
     assert same_params(skipped, before)           # the bad step changed no weight
     assert not same_params(after, skipped)        # and training went on
