@@ -55,9 +55,10 @@ PRESETS = {
 }
 
 # Configurations measured by --sweep on a GPU (each in a fresh process so memory does not carry over).
-# Measured on an H100 (bench/results/h100_train_step.json): "none" runs out of memory even at micro-batch 1
-# (it keeps fp32 norm inputs, the SwiGLU product, the dlerp features...); "selective" keeps only matmul
-# outputs and fits micro-batch 2; "full" recomputes every layer and fits 4 but is slower.
+# Measured on an H100 (bench/results/h100_train_step.json): "none" keeps fp32 norm inputs, the SwiGLU product
+# and the dlerp features per layer, so it only fits micro-batch 1 (74 GiB, and only with a 0.95 memory fraction);
+# "selective" keeps matmul outputs only and fits micro-batch 2 (fastest); "full" recomputes every layer and fits
+# 4 but is slower.
 SWEEP = [
     dict(batch=2, remat="selective", attention="cudnn", loss_chunk=1024),
     dict(batch=1, remat="selective", attention="cudnn", loss_chunk=1024),
