@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -48,8 +50,34 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class StoppedOutsideLoop(BaseException):
+    """SIGTERM while the training loop is not running (start-up, e.g. a preemption while weights load, or the
+    final report). A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def _stop_outside_loop(signum, frame):
+    raise StoppedOutsideLoop(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Until the loop installs its own handlers (which checkpoint and exit 75), a SIGTERM ends start-up with
+    # the same "rerun to resume" status instead of a bare -15; the loop restores this handler when it ends.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_outside_loop) if in_main_thread else None
+    try:
+        return _main(args)
+    except StoppedOutsideLoop as stop:
+        from jax_controlllm.train import EXIT_PREEMPTED
+        print(f"stopped by {stop} outside the training loop; checkpoints on disk are intact: rerun the same "
+              f"command", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.cpu_devices:  # before JAX is imported: the flag is read once, at backend start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()

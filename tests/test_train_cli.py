@@ -134,3 +134,23 @@ def test_resume_with_the_data_pipeline_continues_the_token_stream(tmp_path, cach
     check(run_cli(preempt, cache_dir))
     resumed, reference = train_losses(stopped), train_losses(straight)
     assert [resumed[s] for s in range(1, 5)] == [reference[s] for s in range(1, 5)]
+
+
+def test_sigterm_during_start_up_exits_75_without_a_traceback(tmp_path):
+    """A preemption while the run starts (imports, weight loading, compilation) is "rerun to resume" (75),
+    like one during training, not a bare -15."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", "--config", str(TINY), "--out", str(tmp_path / "r"),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.5)  # inside main(): importing JAX and building the trainer take longer than this
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "SIGTERM" in stderr.strip().splitlines()[-1]
