@@ -58,16 +58,71 @@ def _chunk_nll(h_chunk, kernel, targets, valid):
     return jnp.sum((lse - target_logit) * valid)
 
 
+def _chunk_nll_and_grads(h_chunk, kernel, targets, valid, kernel_grad: bool):
+    """One chunk's NLL sum and its gradients for a unit cotangent: d/dlogits = (softmax - onehot) * valid,
+    rounded once to the compute dtype, then d/dh = dlogits @ W^T and (when the head trains) d/dW = h^T dlogits."""
+    logits = jnp.einsum("bsh,hv->bsv", h_chunk, kernel, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = jnp.sum((lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]) * valid)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * valid[..., None]).astype(h_chunk.dtype)
+    dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
+    dk = jnp.einsum("bsh,bsv->hv", h_chunk, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None
+    return nll, dh, dk
+
+
+def _nll_only(h, kernel, targets, valid):
+    def body(total, xs):
+        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2]), None
+    return jax.lax.scan(body, jnp.float32(0), (h, targets, valid))[0]
+
+
+@jax.custom_vjp
+def fused_head_nll(h, kernel, targets, valid):
+    """Sum of NLLs over chunks ``h [n, B, c, H]`` with a fused backward: under differentiation the forward pass
+    computes each chunk's logits once and turns them straight into d/dh (and d/dW only when the head itself is
+    differentiated, e.g. full tuning), so the backward pass neither keeps nor recomputes any [B, c, V] logits:
+    one 128k-vocabulary matmul per chunk fewer than remat, and no float32 cotangent matmuls. Without
+    differentiation (evaluation) only the plain forward runs."""
+    return _nll_only(h, kernel, targets, valid)
+
+
+def _fused_head_nll_fwd(h, kernel, targets, valid):
+    # symbolic_zeros=True: each argument says whether it is being differentiated (``perturbed``)
+    kernel_grad = kernel.perturbed
+    h, kernel, targets, valid = h.value, kernel.value, targets.value, valid.value
+
+    def body(carry, xs):
+        total, dk = carry
+        nll, dh, dk_chunk = _chunk_nll_and_grads(xs[0], kernel, xs[1], xs[2], kernel_grad)
+        return (total + nll, dk + dk_chunk if kernel_grad else dk), dh
+
+    dk0 = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
+    (total, dk), dh = jax.lax.scan(body, (jnp.float32(0), dk0), (h, targets, valid))
+    return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
+
+
+def _fused_head_nll_bwd(res, g):
+    dh, dk, kernel_dtype = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.float32(0)
+    dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
+    dkernel = None if dk is None else (dk * g).astype(kernel_dtype.dtype)
+    return dh, dkernel, None, None
+
+
+fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
+
+
 def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, segment_ids=None):
     """(sum of token NLLs, number of scored tokens). The LM head runs in sequence chunks of
-    ``config.loss_chunk`` positions under remat, so full-vocabulary logits never sit in memory whole."""
+    ``config.loss_chunk`` positions (0: one chunk) with a fused backward (``fused_head_nll``), so
+    full-vocabulary logits of more than one chunk never sit in memory."""
     targets, valid = next_token_targets(labels, segment_ids)
     h = h[:, :-1]
     kernel = head_kernel(config, params).astype(h.dtype)
-    chunk = config.loss_chunk
     s = h.shape[1]
-    if not chunk or chunk >= s:
-        return _chunk_nll(h, kernel, targets, valid), jnp.sum(valid)
+    chunk = config.loss_chunk if config.loss_chunk and config.loss_chunk < s else s
     pad = -s % chunk
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -78,8 +133,7 @@ def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, s
     def split(x):
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    body = jax.checkpoint(lambda carry, xs: (carry + _chunk_nll(xs[0], kernel, xs[1], xs[2]), None))
-    total, _ = jax.lax.scan(body, jnp.float32(0), (split(h), split(targets), split(valid)))
+    total = fused_head_nll(split(h), kernel, split(targets), split(valid))
     return total, jnp.sum(valid)
 
 

@@ -148,14 +148,20 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
             metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison)
         loss = (metrics["ce"] + metrics["divergence"]) * poison
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
         # A non-finite loss or gradient leaves weights and optimizer untouched (the loop decides whether
-        # to stop or to skip); the batch still counts as consumed.
+        # to stop or to skip); the batch still counts as consumed. A cond, not a select over the results:
+        # the update then runs in place on the donated state, without reading old and new copies of every
+        # master weight and moment (~10 ms per step for the 8B recipe's 1.7B trainable parameters).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = TrainState(state.step + 1, jax.tree.map(keep, trainable, state.trainable),
-                               jax.tree.map(keep, opt_state, state.opt_state))
+
+        def update(operands):
+            trainable, opt_state, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        trainable, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
+                                            (state.trainable, state.opt_state, grads))
+        new_state = TrainState(state.step + 1, trainable, opt_state)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied_updates(state)),
                    "finite": finite}
         return new_state, metrics
