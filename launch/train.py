@@ -50,28 +50,27 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
-class StoppedOutsideLoop(BaseException):
-    """SIGTERM while the training loop is not running (start-up, e.g. a preemption while weights load, or the
-    final report). A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+EXIT_PREEMPTED = 75  # = jax_controlllm.train.EXIT_PREEMPTED, without importing JAX here
 
 
-def _stop_outside_loop(signum, frame):
-    raise StoppedOutsideLoop(signal.Signals(signum).name)
+def _exit_outside_loop(signum, frame):
+    """SIGTERM while the training loop is not running (start-up, e.g. a preemption while weights load or the
+    step compiles, or the final report): nothing is lost, so leave at once with the loop's "rerun to resume"
+    status. Leaving from the handler itself, not by raising: an exception raised from a signal handler can land
+    inside JAX's or XLA's own callbacks (which swallow it) or their half-initialised state."""
+    os.write(2, f"stopped by {signal.Signals(signum).name} outside the training loop; checkpoints on disk are "
+                f"intact: rerun the same command\n".encode())
+    os._exit(EXIT_PREEMPTED)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Until the loop installs its own handlers (which checkpoint and exit 75), a SIGTERM ends start-up with
-    # the same "rerun to resume" status instead of a bare -15; the loop restores this handler when it ends.
+    # Until the loop installs its own handlers (which checkpoint and exit 75), and again after it restores
+    # this one, a SIGTERM ends the run with the same status instead of a bare -15.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stop_outside_loop) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, _exit_outside_loop) if in_main_thread else None
     try:
         return _main(args)
-    except StoppedOutsideLoop as stop:
-        from jax_controlllm.train import EXIT_PREEMPTED
-        print(f"stopped by {stop} outside the training loop; checkpoints on disk are intact: rerun the same "
-              f"command", file=sys.stderr)
-        return EXIT_PREEMPTED
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -154,3 +154,9 @@ def test_sigterm_during_start_up_exits_75_without_a_traceback(tmp_path):
     assert proc.returncode == 75, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "SIGTERM" in stderr.strip().splitlines()[-1]
+
+
+def test_launcher_exit_status_constant_matches_the_library():
+    import launch.train
+    from jax_controlllm.train import EXIT_PREEMPTED
+    assert launch.train.EXIT_PREEMPTED == EXIT_PREEMPTED
