@@ -30,6 +30,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from host import cpu_model  # noqa: E402  (bench/host.py: run as python bench/data_throughput.py)
 from jax_controlllm.data import DataConfig, load_tokenizer, make_data_iterator  # noqa: E402
 
 DOC_CHARS = 2000
@@ -100,12 +101,7 @@ def versions() -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores_used": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "cores_total": os.cpu_count(), "platform": platform.platform(),
             # other jobs on the machine slow a one-core measurement down: record how busy it was

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "reliability"))
 
 from harness import STEPS, final_params, reference_losses, run_to_end  # noqa: E402
+from host import cpu_model  # noqa: E402  (bench/host.py, beside this script)
 from kill_chain import run_chain  # noqa: E402
 
 CHAIN_STARTS = 24      # interrupted starts per run directory: a chain must not reach the last step early
@@ -141,12 +142,7 @@ def rest_of_suite(work: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "platform": platform.platform(), "load_average_1m": os.getloadavg()[0]}
 
