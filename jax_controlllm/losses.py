@@ -28,42 +28,20 @@ def next_token_targets(labels: jax.Array, segment_ids=None):
     return jnp.where(valid, targets, 0), valid.astype(jnp.float32)
 
 
-@jax.custom_vjp
-def head_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    """h @ kernel with float32 logits. The backward pass runs its two matmuls in the compute dtype of ``h``
-    (the float32 logit gradient is rounded once), as mixed-precision autocast does: left to autodiff, the
-    float32 cotangent would promote the 128k-vocabulary matmuls to float32 (TF32 on GPUs, ~2x slower)."""
-    return jnp.einsum("bsh,hv->bsv", h, kernel, preferred_element_type=jnp.float32)
-
-
-def _head_logits_fwd(h, kernel):
-    return head_logits(h, kernel), (h, kernel)
-
-
-def _head_logits_bwd(res, g):
-    h, kernel = res
-    g = g.astype(h.dtype)
-    dh = jnp.einsum("bsv,hv->bsh", g, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bsh,bsv->hv", h, g, preferred_element_type=jnp.float32)
-    return dh.astype(h.dtype), dk.astype(kernel.dtype)
-
-
-head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
-
-
-def _chunk_nll(h_chunk, kernel, targets, valid):
-    logits = head_logits(h_chunk, kernel)
+def _chunk_logits_nll(h_chunk, kernel, targets, valid):
+    """(float32 logits, their logsumexp, the chunk's NLL sum over valid targets)."""
+    logits = jnp.einsum("bsh,hv->bsv", h_chunk, kernel, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - target_logit) * valid)
+    nll = jnp.sum((lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]) * valid)
+    return logits, lse, nll
 
 
 def _chunk_nll_and_grads(h_chunk, kernel, targets, valid, kernel_grad: bool):
     """One chunk's NLL sum and its gradients for a unit cotangent: d/dlogits = (softmax - onehot) * valid,
-    rounded once to the compute dtype, then d/dh = dlogits @ W^T and (when the head trains) d/dW = h^T dlogits."""
-    logits = jnp.einsum("bsh,hv->bsv", h_chunk, kernel, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = jnp.sum((lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]) * valid)
+    rounded once to the compute dtype (as mixed-precision autocast does: a float32 cotangent would promote the
+    128k-vocabulary matmuls to float32, TF32 on GPUs), then d/dh = dlogits @ W^T and (when the head trains)
+    d/dW = h^T dlogits."""
+    logits, lse, nll = _chunk_logits_nll(h_chunk, kernel, targets, valid)
     onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
     dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * valid[..., None]).astype(h_chunk.dtype)
     dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
@@ -73,7 +51,7 @@ def _chunk_nll_and_grads(h_chunk, kernel, targets, valid, kernel_grad: bool):
 
 def _nll_only(h, kernel, targets, valid):
     def body(total, xs):
-        return total + _chunk_nll(xs[0], kernel, xs[1], xs[2]), None
+        return total + _chunk_logits_nll(xs[0], kernel, xs[1], xs[2])[2], None
     return jax.lax.scan(body, jnp.float32(0), (h, targets, valid))[0]
 
 

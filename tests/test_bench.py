@@ -33,35 +33,37 @@ def test_flops_per_token_matches_the_peer_estimate():
     assert 40e9 < flops_per_token(config, 4096) < 46e9
 
 
-def test_head_logits_gradient_matches_autodiff_and_stays_in_compute_dtype():
-    """The LM head's custom backward equals plain autodiff in float32, and in bfloat16 its matmuls take
-    bfloat16 operands (no float32/TF32 matmul over the vocabulary)."""
+def test_lm_head_backward_stays_in_compute_dtype():
+    """In bfloat16 every matmul of the LM-head loss and its gradient takes bfloat16 operands (no float32/TF32
+    matmul over the vocabulary); the gradients themselves are checked in the test below."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_controlllm.losses import head_logits
+    from jax_controlllm.config import ModelConfig
+    from jax_controlllm.losses import cross_entropy_sum
 
+    config = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, loss_chunk=2, train_embeddings=True)
     rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(2, 5, 40)), jnp.float32)
+    params = {"embed_tokens": {"embedding": jnp.asarray(rng.normal(size=(40, 16)), jnp.bfloat16)},
+              "lm_head": {"kernel": jnp.asarray(rng.normal(size=(16, 40)), jnp.bfloat16)}}
+    h = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 40, size=(2, 5)))
 
-    def loss(fn):
-        return lambda h, k: jnp.sum(jax.nn.log_softmax(fn(h, k)) * weights)
-    plain = lambda h, k: jnp.einsum("bsh,hv->bsv", h, k, preferred_element_type=jnp.float32)  # noqa: E731
-    ours = jax.grad(loss(head_logits), argnums=(0, 1))(h, kernel)
-    ref = jax.grad(loss(plain), argnums=(0, 1))(h, kernel)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    def loss(h, params):
+        return cross_entropy_sum(config, params, h, labels)[0]
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss(head_logits), argnums=(0, 1)))(h.astype(jnp.bfloat16),
-                                                                         kernel.astype(jnp.bfloat16))
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    dots += [e for eq in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eq.params)
-             for e in sub.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) >= 3
-    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    found = list(dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, params).jaxpr))
+    assert len(found) >= 3  # logits, d/dh and d/dW
+    assert all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars)
 
 
 @pytest.mark.parametrize("chunk", [0, 7, 16])
