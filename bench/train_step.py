@@ -241,13 +241,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile", help="after timing, trace two steps into this directory and summarise the kernels")
     p.add_argument("--record", help="append the JSON rows to this results file (a JSON list)")
     args = p.parse_args(argv)
+    # XLA reserves 75% of GPU memory by default; the 8B step at micro-batch 2 needs ~71 GiB of the 80. Set
+    # before JAX starts (below, or in measure()); sweep subprocesses inherit it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
     if args.attention == "cudnn" and args.preset == "smoke":
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
         import jax
         if jax.devices()[0].platform != "gpu":
             args.attention = "xla"  # cuDNN exists only on NVIDIA GPUs
-    # XLA reserves 75% of GPU memory by default; the 8B step at micro-batch 2 needs ~71 GiB of the 80.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.mem_fraction))
     rows = sweep(args) if args.sweep else [measure(args)]
     if not args.sweep:
         print(json.dumps(rows[0]))

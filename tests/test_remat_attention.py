@@ -14,7 +14,6 @@ from jax_controlllm.model.control import expand, trainable_mask
 from jax_controlllm.train.state import combine, partition
 
 on_gpu = jax.devices()[0].platform == "gpu"
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not on_gpu, reason="needs a CUDA device (cuDNN attention)")]
 
 
 def controlled_model(**model_kw):
@@ -111,11 +110,11 @@ def test_selective_remat_saves_only_matmul_outputs():
     assert len(hidden_f32) <= 1  # at most the final norm's input, outside the scanned layers
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs a CUDA device (cuDNN attention)")
 @pytest.mark.parametrize("packed", [False, True], ids=["one_document_per_row", "packed_documents"])
 @pytest.mark.parametrize("remat", ["none", "selective"])
 def test_cudnn_attention_matches_masked_softmax(packed, remat):
-    if not on_gpu:
-        pytest.skip("needs a CUDA device (cuDNN attention)")
     config, params = controlled_model(compute_dtype="bfloat16", frozen_dtype="bfloat16")
     data = batch(packed)
     ref_loss, ref = loss_and_grads(dataclasses.replace(config, attention_impl="xla"), params, data)
@@ -130,6 +129,3 @@ def test_cudnn_attention_matches_masked_softmax(packed, remat):
             continue
         cos = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
         assert cos > 0.99, cos
-
-
-test_cudnn_attention_matches_masked_softmax = pytest.mark.gpu(test_cudnn_attention_matches_masked_softmax)
