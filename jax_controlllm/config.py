@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -115,7 +115,8 @@ class ExpansionConfig:
     """How a plain Llama is expanded. Field names follow the release's ``expansion`` dict."""
     expand_type: str = "concat"
     num_exp_layers: int = 8
-    layers: Optional[list] = None                  # explicit original-layer indices (overrides the rule)
+    layers: Optional[Union[list, str]] = None      # explicit original-layer indices (overrides the rule), or
+                                                   # "auto": chosen from the base's knowledge circuits at setup
     merge_method: str = "dlerp"
     interpolation_factor: float = 0.0
     interpolation_loss_alpha: float = 1.0          # λ; 0 disables; -1 weights tokens by the gate
@@ -141,6 +142,10 @@ class ExpansionConfig:
                f"must be 0 (plain RMSNorm), in (0, 1] (fixed mix) or -1 (learnable), got {a}")
         _check(self.num_exp_layers >= 1, "expansion.num_exp_layers",
                f"must be at least 1, got {self.num_exp_layers}")
+        if self.layers == "auto":
+            return                                     # resolved at setup (jax_controlllm.circuits.layer_choice)
+        _check(not isinstance(self.layers, str), "expansion.layers",
+               f"expected a list of layer indices or auto, got {_show(self.layers)}")
         _check_int_list(self.layers, "expansion.layers")
         if model is not None:
             from jax_controlllm.model.control import selected_layers  # local: avoid import cycle

@@ -82,6 +82,7 @@ def _main(args: argparse.Namespace) -> int:
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
     import jax
 
+    from jax_controlllm.circuits.layer_choice import resolve_auto_layers
     from jax_controlllm.config import load_config
     from jax_controlllm.experiment import acquisition_retention_report, prepare_knowledge
     from jax_controlllm.sharding import make_mesh
@@ -97,6 +98,7 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
         prepare_knowledge(run, run_dir)                         # the generated corpus, if the config asks
+        run = resolve_auto_layers(run, run_dir)                 # expansion.layers: auto, once per run
         check_data_config(run)
         mesh = make_mesh(run.mesh.shape, run.mesh.axes)
         checkpoints = open_checkpoints(run_dir, run)            # None for a new run

@@ -1,6 +1,7 @@
 """The benchmarks' CPU smoke runs: the same code paths as the GPU measurements, tiny shapes, no timing checks."""
 import pytest
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,54 @@ def test_fused_lm_head_loss_equals_autodiff(chunk, tied):
     # only the hidden states differentiated (a frozen head, as in Control LLM): same d/dh
     np.testing.assert_allclose(jax.grad(ours)(h, params), want[0], rtol=1e-5, atol=1e-6)
 
+
+
+FRONTIER_BASE = """
+base: {{path: {base}, format: hf}}
+model: {{param_dtype: float32, frozen_dtype: float32, compute_dtype: float32}}
+expansion: {{expand_type: concat, num_exp_layers: 1, layers: [1], merge_method: dlerp}}
+knowledge: {{n_new: 4, attributes: [city], max_frequency: 2, seed: 0}}
+report: {{retention_probes: false, kl_text: false, export_hf: false}}
+train: {{mode: controlllm, steps: 4, batch_size: 2, seq_len: 32, lr: 1.0e-3, warmup_steps: 1, log_every: 1,
+        async_checkpoint: false}}
+data: {{holdout_fraction: 0.0}}
+"""
+
+
+@pytest.mark.slow
+def test_retention_frontier_smoke(tmp_path):
+    """bench/retention.py --frontier end to end on a tiny random Llama (word tokenizer over the same corpus):
+    every method's checkpoints are scored, the summary names each method, and the plot is written."""
+    import jax
+
+    from jax_controlllm.config import ModelConfig
+    from jax_controlllm.convert import save_hf
+    from jax_controlllm.knowledge import (BOS_ID, CorpusConfig, EntityConfig, build_knowledge_dataset,
+                                          build_word_tokenizer, read_jsonl, save_word_tokenizer)
+    from jax_controlllm.model import init_params
+
+    corpus = build_knowledge_dataset(tmp_path / "vocab", CorpusConfig(EntityConfig(
+        n_new=4, n_revised=0, attributes=("city",), max_frequency=2, seed=0), seed=0))
+    tokenizer = build_word_tokenizer([r["text"] for r in read_jsonl(corpus["corpus"])])
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, bos_token_id=BOS_ID, pad_token_id=0)
+    base = tmp_path / "base"
+    save_hf(config, init_params(config, jax.random.PRNGKey(0)), base)
+    save_word_tokenizer(tokenizer, base)
+    (tmp_path / "base.yaml").write_text(FRONTIER_BASE.format(base=base))
+    (tmp_path / "frontier.yaml").write_text(
+        f"base: {tmp_path / 'base.yaml'}\nmethods:\n  full: [train.mode=full, expansion=null]\n  dlerp: []\n")
+    record, png = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    out = subprocess.run([sys.executable, "bench/retention.py", "--config", str(tmp_path / "frontier.yaml"),
+                          "--out", str(tmp_path / "runs"), "--frontier", "--every", "2", "--patience", "5",
+                          "--record", str(record), "--plot", str(png)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(record.read_text())
+    steps = {(p["method"], p["step"]) for p in result["points"]}
+    assert steps == {("full", 2), ("full", 4), ("dlerp", 2), ("dlerp", 4)}
+    assert result["summary"]["full"]["family"] == "full" and result["summary"]["dlerp"]["family"] == "controlllm"
+    assert result["summary"]["controlllm"] is None        # no retention measured, so no point qualifies
+    assert png.is_file()

@@ -42,6 +42,9 @@ class Segment:
 def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int]:
     """Original layers that get an expanded branch (spec §1), validated."""
     n = expansion.num_exp_layers
+    if expansion.layers == "auto":
+        raise ConfigError("expansion.layers: auto is chosen when a run starts (python -m launch.train); "
+                          "to build a model directly, list the layers")
     if expansion.layers is not None:
         layers = sorted(int(i) for i in expansion.layers)
         bad = [i for i in layers if not 0 <= i < num_ori_layers]
