@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 import yaml
-from host import (
-    cpu_model,  # bench/host.py, beside this script (python bench/retention.py)
-)
+# bench/host.py, beside this script (run as python bench/retention.py)
+from host import cpu_model
 
 
 def method_configs(path: str) -> tuple[str, list[str], dict[str, list[str]]]:
