@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import yaml
-# bench/host.py, beside this script (run as python bench/retention.py)
 from host import cpu_model
 
 
