@@ -22,9 +22,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jax_controlllm.circuits import attribute
-from jax_controlllm.circuits.weights import random_circuit_model
+from jax_controlllm.circuits import attribute, circuit_model
 from jax_controlllm.config import ModelConfig
+from jax_controlllm.model import init_params
 
 LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     shape = SMOKE if args.smoke else LLAMA_32_1B
     n_prompts = min(args.prompts, 2 * args.batch) if args.smoke else args.prompts
     config = ModelConfig(**shape)
-    model = random_circuit_model(config, jax.random.PRNGKey(0), args.dtype)
+    model = circuit_model(config, jax.jit(init_params, static_argnums=0)(config, jax.random.PRNGKey(0)), args.dtype)
     clean, corrupted, clean_label, corrupted_label = prompts(n_prompts, args.seq, config.vocab_size)
 
     def call():

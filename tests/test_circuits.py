@@ -8,9 +8,9 @@ import pytest
 
 from jax_controlllm.circuits import (attribute, circuit_from_edges, evaluate_circuit, faithfulness, full_circuit,
                                      hit_at_k, prune_dead_nodes, top_n_circuit)
-from jax_controlllm.circuits.weights import circuit_model
+from jax_controlllm.circuits import circuit_model
 from jax_controlllm.circuits.graph import Graph
-from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
+from jax_controlllm.config import ExpansionConfig, ModelConfig
 
 # ----------------------------------------------------------------------------------------------
 # The independent reference implementation
@@ -211,17 +211,16 @@ def _intra(graph: Graph, src: int, dst: int) -> bool:
 
 def finite_difference_scores(naive, graph, prompts, item_weight, alphas=None, eps=1e-5):
     """S[u, v] = d/de L(x_v + e delta_u) by central differences, averaged over the IG points (or the clean
-    run), with L = -sum_i w_i LD_i. Merge gates are held at each point's own values."""
+    run), with L = -sum_i w_i LD_i. Merge gates are held at the clean run's values in every run."""
     clean, corrupted, cl, kl, lengths = prompts
     last = lengths - 1
     e_clean, e_corr = naive.embed(clean), naive.embed(corrupted)
-    _, s_clean, _ = naive.run(e_clean)
-    _, s_corr, _ = naive.run(e_corr)
+    _, s_clean, gates = naive.run(e_clean)
+    _, s_corr, _ = naive.run(e_corr, gates=gates)
     delta = {k: s_corr[k] - s_clean[k] for k in s_clean}
     points = [e_clean] if alphas is None else [e_corr + a * (e_clean - e_corr) for a in alphas]
     scores = np.zeros((graph.n_sources, graph.n_destinations))
     for e in points:
-        _, _, gates = naive.run(e)
         for u, v in zip(*np.nonzero(graph.valid)):
             d_u = delta[graph.sources[u] + ("/raw" if _intra(graph, u, v) else "")]
             target = graph.destinations[v]
@@ -287,7 +286,7 @@ def test_baseline_metrics_match_naive():
     clean, corrupted, cl, kl, lengths = prompts = make_prompts()
     scores = attribute(config, tensors, *prompts, method="EAP", compute_batch_size=CHUNK)
     for ids, got in ((clean, scores.metric_clean_per_item), (corrupted, scores.metric_corrupted_per_item)):
-        resid, _, _ = naive.run(naive.embed(ids))
+        resid, _, _ = naive.run(naive.embed(ids))           # lerp: the held gate is the corrupted run's own
         np.testing.assert_allclose(got, naive.logit_diff(resid, lengths - 1, cl, kl), atol=2e-5)
 
 
@@ -365,13 +364,6 @@ def test_bad_inputs_are_refused_clearly():
         attribute(config, tensors, clean, corrupted, cl, kl, lengths, normalization="mean")
 
 
-def test_unsupported_merge_is_refused():
-    config, tensors, _ = make_model(**MODELS["lerp"])
-    config.expansion.merge_method = "slerp"
-    with pytest.raises(ConfigError, match="merge_method 'slerp' is not supported; supported: lerp, dlerp"):
-        attribute(config, tensors, *make_prompts())
-
-
 # ----------------------------------------------------------------------------------------------
 # Patching: faithfulness and Hit@k
 # ----------------------------------------------------------------------------------------------
@@ -410,10 +402,11 @@ def test_patching_one_edge_matches_naive(name, edge):
     result = evaluate_circuit(config, tensors, _drop_edges(graph, edge), *prompts)
     src, dst = edge
     key = src + "/raw" if _intra(graph, graph.source_index(src), graph.destination_index(dst)) else src
-    corrupted_out = naive.run(naive.embed(corrupted))[1][key]
-    clean_out = naive.run(naive.embed(clean))[1][key]
+    _, clean_sources, gates = naive.run(naive.embed(clean))
+    corrupted_out = naive.run(naive.embed(corrupted), gates=gates)[1][key]     # merge gates held at the clean run's
+    clean_out = clean_sources[key]
     read = lambda name, x, sources: x - clean_out + corrupted_out if name == dst else x
-    expected = naive.logit_diff(naive.run(naive.embed(clean), read)[0], lengths - 1, cl, kl)
+    expected = naive.logit_diff(naive.run(naive.embed(clean), read, gates)[0], lengths - 1, cl, kl)
     np.testing.assert_allclose(result.circuit_per_item, expected, atol=3e-5)
     assert abs(result.metric_circuit - result.metric_clean) > 1e-4     # the patch did something
 

@@ -10,6 +10,8 @@ where L_i = -(logit[c_i] - logit[k_i]) at the last real position and w_i the ite
 batching.item_weights: by default the reference's 1 / (N * |batch|)). A positive score means replacing the
 edge's clean contribution by its corrupted one is predicted to lower the logit difference.
 
+Controlled blocks hold their merge coefficients at the clean run's values in every run (nodes.py).
+
 Implementation: one jitted step per fixed-shape chunk runs the clean and corrupted prompts (delta), then
 m forward+backward passes in a ``fori_loop`` (memory stays that of one pass). Every destination's input
 carries a zero-valued tap whose gradient is the score (readers.tap), so the backward pass itself contracts
@@ -27,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_controlllm.circuits.batching import chunks, item_weights, prepare
-from jax_controlllm.circuits.forward import RunOutput, embed, last_position, logit_difference, run
 from jax_controlllm.circuits.graph import Graph
+from jax_controlllm.circuits.nodes import RunOutput, circuit_model, last_position, logit_difference, model_graph, run
 from jax_controlllm.circuits.readers import PlainReader, TapReader, assemble_scores, tap_coefficients, tap_deltas
-from jax_controlllm.circuits.weights import Structure, circuit_model
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.llama import embed
 
 METHODS = ("EAP", "EAP-IG")
 
@@ -89,36 +92,30 @@ class Scores:
                    int(d["n_items"]), d["metric_clean_per_item"], d["metric_corrupted_per_item"])
 
 
-def plain_run(structure: Structure, weights: dict, ids: jax.Array) -> RunOutput:
-    return run(structure, weights, embed(weights, ids), PlainReader())
+def plain_run(config: ModelConfig, weights: dict, ids: jax.Array, held: Optional[dict] = None) -> RunOutput:
+    return run(config, weights, embed(config, weights, ids), PlainReader(), held)
 
 
-def _difference(corrupted: RunOutput, clean: RunOutput) -> RunOutput:
-    """delta = corrupted - clean for the node outputs (what the taps contract with)."""
-    raw = {k: corrupted.raw_heads[k] - clean.raw_heads[k] for k in clean.raw_heads}
-    groups = tuple(c - k for c, k in zip(corrupted.groups, clean.groups))
-    return RunOutput(groups, raw, {}, clean.resid, [])
-
-
-@partial(jax.jit, static_argnames=("structure", "method", "ig_steps"))
-def attribution_step(structure: Structure, weights: dict, clean_ids, corrupted_ids, labels, last, item_weight,
+@partial(jax.jit, static_argnames=("config", "method", "ig_steps"))
+def attribution_step(config: ModelConfig, weights: dict, clean_ids, corrupted_ids, labels, last, item_weight,
                      method: str = "EAP-IG", ig_steps: int = 5):
     """One chunk: (score contribution [n_src, n_dst], clean LD [B], corrupted LD [B])."""
-    graph = structure.graph
-    clean = plain_run(structure, weights, clean_ids)
-    corrupted = plain_run(structure, weights, corrupted_ids)
-    ld_clean = logit_difference(structure, weights, last_position(clean.resid, last), labels)
-    ld_corrupted = logit_difference(structure, weights, last_position(corrupted.resid, last), labels)
-    deltas = jax.lax.stop_gradient(tap_deltas(graph, _difference(corrupted, clean)))
+    graph = model_graph(config)
+    clean = plain_run(config, weights, clean_ids)
+    held = jax.lax.stop_gradient(clean.merges)
+    corrupted = plain_run(config, weights, corrupted_ids, held)
+    ld_clean = logit_difference(config, weights, last_position(clean.resid, last), labels)
+    ld_corrupted = logit_difference(config, weights, last_position(corrupted.resid, last), labels)
+    delta = jax.lax.stop_gradient(tap_deltas(corrupted, clean))
     coeffs = tap_coefficients(graph)
 
     def loss(coeffs, embeds):
-        out = run(structure, weights, embeds, TapReader(graph, coeffs, deltas))
-        ld = logit_difference(structure, weights, last_position(out.resid, last), labels)
+        out = run(config, weights, embeds, TapReader(graph, coeffs, delta), held)
+        ld = logit_difference(config, weights, last_position(out.resid, last), labels)
         return -jnp.sum(item_weight * ld)
 
     grad = jax.grad(loss)
-    e_clean, e_corrupted = embed(weights, clean_ids), embed(weights, corrupted_ids)
+    e_clean, e_corrupted = embed(config, weights, clean_ids), embed(config, weights, corrupted_ids)
     if method == "EAP":
         pieces = grad(coeffs, e_clean)
     else:
@@ -151,7 +148,8 @@ def attribute(config, params, clean_ids, corrupted_ids, clean_label_ids, corrupt
     (None: all T). Labels: one token id per prompt (the answer's first token). ``batch_size`` is the batch of
     the reference code's mean-over-batch metric and so matters for ``normalization="dkc"``; the chunk actually
     computed at once is ``compute_batch_size`` (default: batch_size), which never changes the result.
-    ``params``: our parameter tree, a dict of Hugging Face tensors, or a CircuitModel. ``dtype``: the compute
+    ``params``: our parameter tree (any model the trainer makes), a dict of Hugging Face tensors, or a
+    CircuitModel. ``dtype``: the compute
     dtype (float32 or bfloat16); ``precision``: matmul precision (see ``matmul_precision``).
     """
     if method not in METHODS:
@@ -160,7 +158,7 @@ def attribute(config, params, clean_ids, corrupted_ids, clean_label_ids, corrupt
         raise ValueError(f"ig_steps must be at least 1, got {ig_steps}")
     model = circuit_model(config, params, dtype)
     prompts = prepare(clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids, lengths,
-                      model.structure.vocab_size)
+                      model.config.vocab_size)
     if prompts.corrupted is None:
         raise ValueError("corrupted_ids: attribution needs corrupted prompts (delta = corrupted - clean)")
     weights = item_weights(prompts.n_items, batch_size, normalization)
@@ -169,7 +167,7 @@ def attribute(config, params, clean_ids, corrupted_ids, clean_label_ids, corrupt
     with matmul_precision(dtype, precision):
         # results stay on the device until the end: chunks are dispatched back to back, no host round trip
         for chunk in chunks(prompts, weights, compute_batch_size or batch_size, pad_multiple):
-            part, ld_c, ld_k = attribution_step(model.structure, model.weights, chunk["clean"], chunk["corrupted"],
+            part, ld_c, ld_k = attribution_step(model.config, model.weights, chunk["clean"], chunk["corrupted"],
                                                 chunk["labels"], chunk["last"], chunk["weight"], method, steps)
             total = part if total is None else total + part
             metrics.append((chunk["items"], ld_c, ld_k))

@@ -8,6 +8,9 @@ on the clean prompts; patches propagate, since a_u(this run) comes from the patc
   An empty circuit (no edge reaches the logits) gives the corrupted run, i.e. 0.
 - Hit@k: no corrupted run, edges outside the circuit are zero-ablated; the rank of the clean label among the
   full-vocabulary logits at the last real position (0 = top); Hit@k = fraction with rank < k.
+
+Controlled blocks hold their merge coefficients at the clean run's values in the corrupted and patched runs
+(nodes.py), so that all edges give the clean run and no edge the corrupted run exactly.
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ import numpy as np
 from jax_controlllm.circuits.attribute import matmul_precision, plain_run
 from jax_controlllm.circuits.batching import chunks, prepare
 from jax_controlllm.circuits.circuit import Circuit
-from jax_controlllm.circuits.forward import embed, final_logits, last_position, logit_difference, run
+from jax_controlllm.circuits.nodes import (circuit_model, final_logits, last_position, logit_difference, model_graph,
+                                           run)
 from jax_controlllm.circuits.readers import PatchReader
-from jax_controlllm.circuits.weights import Structure, circuit_model
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.llama import embed
 
 
 @dataclass
@@ -42,28 +47,26 @@ class CircuitEvaluation:
                 "metric_clean": self.metric_clean, "metric_corrupted": self.metric_corrupted}
 
 
-@partial(jax.jit, static_argnames=("structure",))
-def patched_logit_difference(structure: Structure, weights: dict, clean_ids, corrupted_ids, keep, labels, last):
+@partial(jax.jit, static_argnames=("config",))
+def patched_logit_difference(config: ModelConfig, weights: dict, clean_ids, corrupted_ids, keep, labels, last):
     """(LD with the circuit, LD clean, LD corrupted), each [B]."""
-    graph = structure.graph
-    corrupted = plain_run(structure, weights, corrupted_ids)
-    clean = plain_run(structure, weights, clean_ids)
-    patched = run(structure, weights, embed(weights, clean_ids), PatchReader(graph, keep, corrupted))
-    lds = [logit_difference(structure, weights, last_position(r.resid, last), labels)
-           for r in (patched, clean, corrupted)]
-    return tuple(lds)
+    clean = plain_run(config, weights, clean_ids)
+    corrupted = plain_run(config, weights, corrupted_ids, clean.merges)
+    reader = PatchReader(model_graph(config), keep, corrupted)
+    patched = run(config, weights, embed(config, weights, clean_ids), reader, clean.merges)
+    return tuple(logit_difference(config, weights, last_position(r.resid, last), labels)
+                 for r in (patched, clean, corrupted))
 
 
-@partial(jax.jit, static_argnames=("structure", "ablate"))
-def label_ranks(structure: Structure, weights: dict, ids, keep, label, last, ablate: bool = True):
+@partial(jax.jit, static_argnames=("config", "ablate"))
+def label_ranks(config: ModelConfig, weights: dict, ids, keep, label, last, ablate: bool = True):
     """Rank (0 = best) of ``label`` among the logits at the last real position, [B]; ``ablate``: edges outside
     ``keep`` zero-ablated, else the full model."""
-    embeds = embed(weights, ids)
+    out = plain_run(config, weights, ids)
     if ablate:
-        out = run(structure, weights, embeds, PatchReader(structure.graph, keep, None))
-    else:
-        out = plain_run(structure, weights, ids)
-    logits = final_logits(structure, weights, last_position(out.resid, last))
+        reader = PatchReader(model_graph(config), keep, None)
+        out = run(config, weights, embed(config, weights, ids), reader, out.merges)
+    logits = final_logits(config, weights, last_position(out.resid, last))
     target = jnp.take_along_axis(logits, label[:, None], axis=1)
     return jnp.sum(logits > target, axis=1)
 
@@ -75,13 +78,13 @@ def evaluate_circuit(config, params, circuit: Circuit, clean_ids, corrupted_ids,
     model = circuit_model(config, params, dtype)
     _check_graph(model.graph, circuit)
     prompts = prepare(clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids, lengths,
-                      model.structure.vocab_size)
+                      model.config.vocab_size)
     if prompts.corrupted is None:
         raise ValueError("corrupted_ids: faithfulness needs the corrupted prompts")
     keep = jnp.asarray(circuit.edge_mask, jnp.float32)
     per_item = np.zeros((3, prompts.n_items))
     with matmul_precision(dtype):
-        results = [(chunk["items"], patched_logit_difference(model.structure, model.weights, chunk["clean"],
+        results = [(chunk["items"], patched_logit_difference(model.config, model.weights, chunk["clean"],
                                                              chunk["corrupted"], keep, chunk["labels"],
                                                              chunk["last"]))
                    for chunk in chunks(prompts, np.ones(prompts.n_items), batch_size, pad_multiple)]
@@ -117,11 +120,11 @@ def hit_at_k(config, params, circuit: Optional[Circuit], clean_ids, clean_label_
         _check_graph(model.graph, circuit)
         if circuit.is_empty:
             raise ValueError("hit_at_k: the circuit is empty (no edge reaches the logits); choose a larger n")
-    prompts = prepare(clean_ids, None, clean_label_ids, None, lengths, model.structure.vocab_size)
+    prompts = prepare(clean_ids, None, clean_label_ids, None, lengths, model.config.vocab_size)
     keep = jnp.asarray(circuit.edge_mask if circuit is not None else model.graph.valid, jnp.float32)
     ranks = np.zeros(prompts.n_items, np.int64)
     with matmul_precision(dtype):
-        results = [(chunk["items"], label_ranks(model.structure, model.weights, chunk["clean"], keep,
+        results = [(chunk["items"], label_ranks(model.config, model.weights, chunk["clean"], keep,
                                                 chunk["labels"][:, 0], chunk["last"], circuit is not None))
                    for chunk in chunks(prompts, np.ones(prompts.n_items), batch_size)]
     for items, r in results:

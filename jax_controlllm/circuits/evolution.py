@@ -22,7 +22,7 @@ from jax_controlllm.circuits.evaluate import evaluate_circuit, hit_at_k
 from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.circuits.heads import classify_heads, head_dla
 from jax_controlllm.circuits.lens import logit_lens
-from jax_controlllm.circuits.weights import circuit_model
+from jax_controlllm.circuits.nodes import circuit_model
 
 
 @dataclass

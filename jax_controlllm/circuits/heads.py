@@ -24,33 +24,40 @@ import numpy as np
 
 from jax_controlllm.circuits.attribute import matmul_precision, plain_run
 from jax_controlllm.circuits.batching import chunks, prepare
-from jax_controlllm.circuits.forward import (apply_rotary, attention_probs, last_position, project_qkv, rms_norm,
-                                             rotary, unembedding)
-from jax_controlllm.circuits.weights import Structure, circuit_model
+from jax_controlllm.circuits.nodes import (branch_layers, circuit_model, context, last_position, model_graph,
+                                           project_qkv, to_final_stream)
+from jax_controlllm.config import ModelConfig
+from jax_controlllm.model import layer_plan
+from jax_controlllm.model.llama import apply_rope, attention_probs, head_kernel, rms_norm
 
 HEAD_CLASSES = ("mover", "relation", "mixture")
 
 
-@partial(jax.jit, static_argnames=("structure",))
-def head_position_dla(structure: Structure, weights: dict, ids, last, target) -> jax.Array:
+@partial(jax.jit, static_argnames=("config",))
+def head_position_dla(config: ModelConfig, weights: dict, ids, last, target) -> jax.Array:
     """[B, n_head_sources, T]: each head's direct logit attribution to ``target`` [B] at the last position,
-    split by the source position it attends to. Heads in graph source order; scaled by the merge weight for
-    controlled blocks (so the numbers add up to what enters the residual stream)."""
-    out = plain_run(structure, weights, ids)
-    inputs = [out.groups[0][0]] + out.block_resids[:-1]             # residual entering each block
+    split by the source position it attends to. Heads in graph source order; carried into the final stream
+    as the residual stream carries them (merge coefficients of controlled blocks), so the numbers add up to
+    what each head contributes to the final residual."""
+    out = plain_run(config, weights, ids)
     final = last_position(out.resid, last).astype(jnp.float32)
-    scale = jax.lax.rsqrt(jnp.mean(final * final, axis=-1, keepdims=True) + structure.eps)
-    u = weights["norm"].astype(jnp.float32) * jnp.take(unembedding(structure, weights), target, axis=0) * scale
-    cos, sin = rotary(structure, ids.shape[1])
-    graph, per_head = structure.graph, []
+    scale = jax.lax.rsqrt(jnp.mean(final * final, axis=-1, keepdims=True) + config.rms_norm_eps)
+    unembed = jnp.take(head_kernel(config, weights), target, axis=1).T.astype(jnp.float32)        # [B, D]
+    u = weights["norm"]["weight"].astype(jnp.float32) * unembed * scale
+    ctx = context(config, ids.shape[1])
+    plan, graph, per_head = layer_plan(config), model_graph(config), []
     for b in graph.branches:
-        w = weights["blocks"][b.block]["branches"][b.branch]
-        q, k, v = project_qkv(w, rms_norm(inputs[b.block], w["ln1"], structure.eps, w.get("mix1")))
-        probs = attention_probs(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))       # [B, H, T, T]
-        at_last = jnp.take_along_axis(probs, last[:, None, None, None], axis=2)[:, :, 0]      # [B, H, T]
-        value_logit = jnp.einsum("bhtk,hkd,bd->bht", v.astype(jnp.float32), w["wo"].astype(jnp.float32), u)
-        fold = last_position(out.folds[b.number], last)[:, None, None] if b.number in out.folds else 1.0
-        per_head.append(at_last * value_logit * fold)
+        layer, relax = branch_layers(config, plan[b.block].kind, weights["blocks"][b.block])[b.branch]
+        normed = rms_norm(out.block_inputs[b.block], layer["input_layernorm"], config.rms_norm_eps, relax)
+        q, k, v = project_qkv(config, layer["self_attn"], [normed] * 3)
+        probs = attention_probs(apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin), ctx.mask)
+        probs = probs[:, :, 0]                                                          # [B, H, T, T]
+        at_last = jnp.take_along_axis(probs, last[:, None, None, None], axis=2)[:, :, 0]   # [B, H, T]
+        o_proj = layer["self_attn"]["o_proj"]["kernel"]
+        wo = o_proj.reshape(config.num_attention_heads, -1, o_proj.shape[-1]).astype(jnp.float32)
+        written = jnp.einsum("bthk,hkd->bhtd", v.astype(jnp.float32), wo)              # [B, H, T, D]
+        written = to_final_stream(config, weights, out.merges, b.block, b.branch, written, last)
+        per_head.append(at_last * jnp.einsum("bhtd,bd->bht", written.astype(jnp.float32), u))
     return jnp.concatenate(per_head, axis=1)
 
 
@@ -73,12 +80,12 @@ def classify_heads(dla: np.ndarray, subject_mask: np.ndarray, relation_mask: np.
 def head_dla(config, params, ids, target_ids, lengths=None, batch_size: int = 16, dtype: str = "float32"):
     """``head_position_dla`` over a whole prompt set: np.ndarray [N, n_head_sources, T]."""
     model = circuit_model(config, params, dtype)
-    prompts = prepare(ids, None, target_ids, None, lengths, model.structure.vocab_size)
+    prompts = prepare(ids, None, target_ids, None, lengths, model.config.vocab_size)
     n, t = prompts.clean.shape
     out = np.zeros((n, int(model.graph.is_head.sum()), t), np.float32)
     with matmul_precision(dtype):
         for chunk in chunks(prompts, np.ones(n), batch_size, pad_multiple=1):
-            dla = head_position_dla(model.structure, model.weights, chunk["clean"], chunk["last"],
+            dla = head_position_dla(model.config, model.weights, chunk["clean"], chunk["last"],
                                     chunk["labels"][:, 0])
             out[chunk["items"]] = np.asarray(dla)[:len(chunk["items"])]
     return out

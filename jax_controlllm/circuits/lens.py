@@ -12,8 +12,8 @@ import numpy as np
 
 from jax_controlllm.circuits.attribute import matmul_precision, plain_run
 from jax_controlllm.circuits.batching import chunks, prepare
-from jax_controlllm.circuits.forward import final_logits, last_position
-from jax_controlllm.circuits.weights import Structure, circuit_model
+from jax_controlllm.circuits.nodes import circuit_model, final_logits, last_position
+from jax_controlllm.config import ModelConfig
 
 
 @dataclass
@@ -26,12 +26,12 @@ class LogitLens:
                 "top1_fraction": (self.rank == 0).mean(0).tolist()}
 
 
-@partial(jax.jit, static_argnames=("structure",))
-def _lens_step(structure: Structure, weights: dict, ids, last, target):
-    out = plain_run(structure, weights, ids)
+@partial(jax.jit, static_argnames=("config",))
+def _lens_step(config: ModelConfig, weights: dict, ids, last, target):
+    out = plain_run(config, weights, ids)
     probs, ranks = [], []
-    for resid in out.block_resids:
-        logits = final_logits(structure, weights, last_position(resid, last))
+    for resid in out.block_inputs[1:] + [out.resid]:
+        logits = final_logits(config, weights, last_position(resid, last))
         at_target = jnp.take_along_axis(logits, target[:, None], axis=1)
         probs.append(jnp.exp(at_target[:, 0] - jax.nn.logsumexp(logits, axis=1)))
         ranks.append(jnp.sum(logits > at_target, axis=1))
@@ -41,12 +41,12 @@ def _lens_step(structure: Structure, weights: dict, ids, last, target):
 def logit_lens(config, params, ids, target_ids, lengths=None, batch_size: int = 16, dtype: str = "float32") -> LogitLens:
     """Target probability and rank after each block for right-padded prompts ``ids`` [N, T]."""
     model = circuit_model(config, params, dtype)
-    prompts = prepare(ids, None, target_ids, None, lengths, model.structure.vocab_size)
-    n, layers = prompts.n_items, len(model.structure.blocks)
+    prompts = prepare(ids, None, target_ids, None, lengths, model.config.vocab_size)
+    n, layers = prompts.n_items, model.config.num_hidden_layers
     probability, rank = np.zeros((n, layers)), np.zeros((n, layers), np.int64)
     with matmul_precision(dtype):
         for chunk in chunks(prompts, np.ones(n), batch_size):
-            p, r = _lens_step(model.structure, model.weights, chunk["clean"], chunk["last"], chunk["labels"][:, 0])
+            p, r = _lens_step(model.config, model.weights, chunk["clean"], chunk["last"], chunk["labels"][:, 0])
             items = chunk["items"]
             probability[items], rank[items] = np.asarray(p)[:len(items)], np.asarray(r)[:len(items)]
     return LogitLens(probability, rank)

@@ -1,20 +1,20 @@
-"""What each destination reads: three readers for the graph forward pass (forward.run).
+"""What each destination reads: three readers for the graph forward pass (nodes.run).
 
-A reader has four methods, called as the forward pass reaches each destination group:
+A reader has three methods, called as the forward pass reaches each destination group:
 
-    attention(branch, resid, chunks) -> [B, T, D] (shared) or [3, H, B, T, D] (private per q/k/v and head)
-    mlp(branch, resid_mid, heads, chunks) -> [B, T, D]      heads: this branch's unscaled heads [H, B, T, D]
-    logits(resid, chunks) -> [B, T, D]
-    gate(w) -> w                                             the controlled-block merge weight
+    attention(branch, resid, groups) -> [B, T, D] (shared), [3, H, B, T, D] (private per q/k/v and head)
+                                         or a ``taps.TappedInput``
+    mlp(branch, resid_mid, heads, groups, bias) -> [B, T, D]   heads: this branch's heads [H, B, T, D] as
+                                                               computed; bias: its attention output bias
+    logits(resid, groups) -> [B, T, D]
 
-``chunks`` are the folded source outputs computed so far, source-major [k, B, T, D] each (concatenated in
-order they are the first sources of the graph).
+``groups`` are the source outputs as this destination reads them (``RunOutput.reads[block]``): the input,
+then one [n, B, T, D] group per earlier block; concatenated, they are the destination's prefix of sources.
 
 - ``PlainReader``: the residual stream itself (an ordinary forward pass).
 - ``TapReader``: the residual stream plus a zero-valued tap per destination, ``x_v + sum_u c[u,v] delta_u``
   at c = 0, whose gradient with respect to c is exactly the attribution score sum_{b,t,d} delta_u dL/dx_v
   (taps.py). The scores come out of one backward pass, contracted per destination group: no per-edge loop.
-  Its ``attention`` returns a ``TappedInput`` (the shared residual + the tap), not an array.
 - ``PatchReader``: edge-level patching, ``x_v = sum_u M[u,v] a_u(current) + (1 - M[u,v]) a_u(reference)``,
   where the reference is a corrupted run (faithfulness) or zero (ablation, Hit@k).
 """
@@ -25,23 +25,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jax_controlllm.circuits.forward import RunOutput
+from jax_controlllm.circuits.nodes import RunOutput
 from jax_controlllm.circuits.graph import BranchIndex, Graph
 from jax_controlllm.circuits.taps import TappedInput, tap
 
 
 class PlainReader:
-    def attention(self, branch: BranchIndex, resid, chunks):
+    def attention(self, branch: BranchIndex, resid, groups):
         return resid
 
-    def mlp(self, branch: BranchIndex, resid_mid, heads, chunks):
+    def mlp(self, branch: BranchIndex, resid_mid, heads, groups, bias):
         return resid_mid
 
-    def logits(self, resid, chunks):
+    def logits(self, resid, groups):
         return resid
-
-    def gate(self, w):
-        return w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,42 +65,38 @@ def assemble_scores(graph: Graph, pieces: dict) -> jax.Array:
     return scores.at[:, graph.logits].set(pieces["logits"][:, 0])
 
 
-def branch_heads(run: RunOutput, branch: BranchIndex) -> jax.Array:
-    """A branch's unscaled heads [H, B, T, D]: as stored for controlled blocks, else the source slice."""
-    if branch.number in run.raw_heads:
-        return run.raw_heads[branch.number]
-    return run.groups[1 + branch.block][:branch.heads.stop - branch.heads.start]
+def tap_deltas(corrupted: RunOutput, clean: RunOutput) -> RunOutput:
+    """delta = corrupted - clean for the node outputs the taps contract with. A group read unchanged by
+    several blocks is one buffer, and so is its difference (each is computed once)."""
+    cache = {}
 
+    def diff(c, k):
+        key = (id(c), id(k))
+        if key not in cache:
+            cache[key] = c - k
+        return cache[key]
 
-def tap_deltas(graph: Graph, delta: RunOutput) -> tuple[tuple, dict]:
-    """The corrupted-minus-clean differences the taps contract with: the source groups (input, then one per
-    block, [n, B, T, D] each) and the unscaled heads of controlled-block branches [H, B, T, D]."""
-    return tuple(delta.groups), dict(delta.raw_heads)
+    reads = tuple(tuple(diff(c, k) for c, k in zip(cr, kr)) for cr, kr in zip(corrupted.reads, clean.reads))
+    raw = {n: corrupted.raw_heads[n] - clean.raw_heads[n] for n in clean.raw_heads}
+    return RunOutput(reads, raw, {}, clean.resid, [])
 
 
 class TapReader:
-    """Residual stream + zero taps (taps.py); ``deltas`` from ``tap_deltas``. A tap in block l contracts with
-    the groups of the input and blocks < l, which together are exactly its prefix of sources."""
+    """Residual stream + zero taps (taps.py); ``delta`` from ``tap_deltas``. A tap in block l contracts with
+    the deltas of the groups block l reads, which together are exactly its prefix of sources."""
 
-    def __init__(self, graph: Graph, coeffs: dict, deltas: tuple[tuple, dict]):
-        self.graph, self.coeffs = graph, coeffs
-        self.groups, self.raw_heads = deltas
+    def __init__(self, graph: Graph, coeffs: dict, delta: RunOutput):
+        self.graph, self.coeffs, self.delta = graph, coeffs, delta
 
-    def attention(self, branch, resid, chunks):
-        return TappedInput(resid, self.coeffs[f"attn{branch.number}"], self.groups[:1 + branch.block])
+    def attention(self, branch, resid, groups):
+        return TappedInput(resid, self.coeffs[f"attn{branch.number}"], self.delta.reads[branch.block])
 
-    def mlp(self, branch, resid_mid, heads, chunks):
-        x = tap(resid_mid[None], self.coeffs[f"mlp{branch.number}"], self.groups[:1 + branch.block])
-        # its own heads: unscaled (stored apart) in a controlled block, the block group's first H otherwise
-        own = (self.raw_heads[branch.number] if branch.number in self.raw_heads
-               else self.groups[1 + branch.block][:self.graph.n_heads])
-        return tap(x, self.coeffs[f"intra{branch.number}"], (own,))[0]
+    def mlp(self, branch, resid_mid, heads, groups, bias):
+        x = tap(resid_mid[None], self.coeffs[f"mlp{branch.number}"], self.delta.reads[branch.block])
+        return tap(x, self.coeffs[f"intra{branch.number}"], (self.delta.raw_heads[branch.number],))[0]
 
-    def logits(self, resid, chunks):
-        return tap(resid[None], self.coeffs["logits"], self.groups)[0]
-
-    def gate(self, w):
-        return jax.lax.stop_gradient(w)
+    def logits(self, resid, groups):
+        return tap(resid[None], self.coeffs["logits"], self.delta.reads[-1])[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,35 +105,38 @@ class TapReader:
 
 class PatchReader:
     """Edges with ``keep[u, v] = 1`` carry the current run's source output, the others the reference run's
-    (``reference=None``: zero, i.e. ablated)."""
+    (``reference=None``: zero, i.e. ablated). The reference must hold the same merge coefficients."""
 
     def __init__(self, graph: Graph, keep: jax.Array, reference: Optional[RunOutput]):
         self.graph, self.keep, self.reference = graph, keep, reference
 
-    def _mix(self, current, keep, reference):
+    @staticmethod
+    def _mix(current, keep, reference):
         """sources [S, B, T, D] x keep [S, V] -> inputs [V, B, T, D]."""
         x = jnp.einsum("sbtd,sv->vbtd", current, keep.astype(current.dtype))
         if reference is not None:
             x = x + jnp.einsum("sbtd,sv->vbtd", reference, (1 - keep).astype(reference.dtype))
         return x
 
-    def _prefix(self, chunks, count, dst):
-        current = jnp.concatenate(chunks, axis=0)[:count]
-        reference = None if self.reference is None else self.reference.sources[:count]
-        return self._mix(current, self.keep[:count, dst], reference)
+    def _read(self, groups, index, dst, bias=None):
+        """What destinations ``dst`` read from the sources of ``groups`` (the reference's ``reads[index]``);
+        ``bias``: a constant the input node carries for them (a branch's own attention output bias)."""
+        current = jnp.concatenate(groups, axis=0)
+        reference = None if self.reference is None else jnp.concatenate(self.reference.reads[index], axis=0)
+        if bias is not None:
+            current = current.at[0].add(bias)
+            reference = None if reference is None else reference.at[0].add(bias)
+        return self._mix(current, self.keep[:current.shape[0], dst], reference)
 
-    def attention(self, branch, resid, chunks):
-        x = self._prefix(chunks, branch.prefix, branch.qkv)
+    def attention(self, branch, resid, groups):
+        x = self._read(groups, branch.block, branch.qkv)
         return x.reshape((3, self.graph.n_heads) + x.shape[1:])
 
-    def mlp(self, branch, resid_mid, heads, chunks):
+    def mlp(self, branch, resid_mid, heads, groups, bias):
         dst = slice(branch.mlp_dst, branch.mlp_dst + 1)
-        reference = None if self.reference is None else branch_heads(self.reference, branch)
-        x = self._prefix(chunks, branch.prefix, dst) + self._mix(heads, self.keep[branch.heads, dst], reference)
+        reference = None if self.reference is None else self.reference.raw_heads[branch.number]
+        x = self._read(groups, branch.block, dst, bias) + self._mix(heads, self.keep[branch.heads, dst], reference)
         return x[0]
 
-    def logits(self, resid, chunks):
-        return self._prefix(chunks, self.graph.n_sources, slice(self.graph.logits, None))[0]
-
-    def gate(self, w):
-        return w
+    def logits(self, resid, groups):
+        return self._read(groups, -1, slice(self.graph.logits, None))[0]

@@ -92,7 +92,7 @@ norm_tap.defvjp(_norm_tap_fwd, _norm_tap_bwd)
 @dataclass
 class TappedInput:
     """What a tap reader hands the attention heads instead of an input array: the shared residual stream and
-    the tap to put on its 3H normalised copies, ordered (q/k/v, head) (see forward.attention_heads)."""
+    the tap to put on its 3H normalised copies, ordered (q/k/v, head) (see nodes.normed_inputs)."""
     resid: jax.Array                 # [B, T, D]
     coeff: jax.Array                 # [S, 3H] zeros
     deltas: tuple                    # source groups [S_i, B, T, D], S = sum S_i
@@ -102,6 +102,6 @@ class TappedInput:
         """normed [B, T, D] -> the ``heads`` copies [heads, B, T, D] of q (part 0), k (1) or v (2), carrying
         their taps. One tap per part: the backward pass never assembles a [3H, B, T, D] cotangent."""
         broadcast = jnp.broadcast_to(normed[None], (heads,) + normed.shape)
-        mix = jnp.zeros((), jnp.float32) if mix is None else mix
+        mix = jnp.zeros((), jnp.float32) if mix is None else jnp.asarray(mix, jnp.float32)
         coeff = self.coeff[:, part * heads:(part + 1) * heads]
         return norm_tap(broadcast, self.resid, weight, mix, coeff, self.deltas, eps)

@@ -28,7 +28,7 @@ from jax_controlllm.model.params import (ParamSpec, _init_leaf, _is_spec, abstra
                                          param_specs, spec_trainable, stack_blocks, unstack_blocks)
 
 __all__ = ["ExpansionConfig", "expand", "trainable_mask", "layer_plan", "selected_layers", "controlled_layer",
-           "controlled_indices", "merge_weight", "divergence"]
+           "controlled_indices", "merge_weight", "merge_coefficients", "expanded_norm_relax", "divergence"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,14 +42,21 @@ def _sigmoid_param(x) -> jax.Array:
 def slerp(p: jax.Array, e: jax.Array, t) -> jax.Array:
     """Per-token spherical interpolation in float32, falling back to lerp where the angle is tiny."""
     p32, e32 = p.astype(jnp.float32), e.astype(jnp.float32)
+    theta, a, b = slerp_angle(p32, e32, t)
+    spherical = a * p32 + b * e32
+    linear = p32 + t * (e32 - p32)
+    return jnp.where(theta < 1e-4, linear, spherical).astype(p.dtype)
+
+
+def slerp_angle(p32: jax.Array, e32: jax.Array, t):
+    """Per token: the angle theta [B, S, 1] between p and e, and slerp's weights sin((1-t) theta) / sin theta
+    of p and sin(t theta) / sin theta of e."""
     pn = p32 / jnp.maximum(jnp.linalg.norm(p32, axis=-1, keepdims=True), 1e-12)
     en = e32 / jnp.maximum(jnp.linalg.norm(e32, axis=-1, keepdims=True), 1e-12)
     cos = jnp.clip(jnp.sum(pn * en, axis=-1, keepdims=True), -1.0, 1.0)
     theta = jnp.arccos(cos)
     sin = jnp.maximum(jnp.sqrt(1.0 - cos * cos + 1e-8), 1e-6)
-    spherical = jnp.sin((1 - t) * theta) / sin * p32 + jnp.sin(t * theta) / sin * e32
-    linear = p32 + t * (e32 - p32)
-    return jnp.where(theta < 1e-4, linear, spherical).astype(p.dtype)
+    return theta, jnp.sin((1 - t) * theta) / sin, jnp.sin(t * theta) / sin
 
 
 def merge_weight(params: dict, method: str, h, p, e):
@@ -69,6 +76,32 @@ def merge_weight(params: dict, method: str, h, p, e):
         selected = (jnp.argmax(probs, axis=-1)[..., None] == 1).astype(jnp.float32)
         return probs[..., 1:2] * selected, selected
     raise ConfigError(f"expansion.merge_method: unknown method {method!r}")
+
+
+def merge_coefficients(params: dict, method: str, h, p, e):
+    """The merge as fixed linear maps of the branch outputs, evaluated at these inputs:
+
+        merge(h, p, e) = c_p * (p @ lateral) + c_e * e          (no ``@ lateral`` when lateral is None)
+
+    c_p, c_e: float32 scalars or [B, S, 1]; lateral: prog's lateral-connection kernel [D, D], else None.
+    Held fixed, they make a controlled layer linear in its branches (knowledge circuits hold them at the
+    clean run's values: the dlerp/dlerpin gates, slerp's weights, moe's routing)."""
+    if method == "slerp":
+        t = _sigmoid_param(params["interpolation_factor"])
+        theta, a, b = slerp_angle(p.astype(jnp.float32), e.astype(jnp.float32), t)
+        tiny = theta < 1e-4                                       # slerp falls back to lerp there
+        return jnp.where(tiny, 1 - t, a), jnp.where(tiny, t, b), None
+    w, selected = merge_weight(params, method, h, p, e)
+    if method == "moe":
+        return 1 - selected, selected, None
+    lateral = params["lateral_connection"]["kernel"] if method == "prog" else None
+    return 1 - w, w, lateral
+
+
+def expanded_norm_relax(exp: ExpansionConfig) -> Optional[float]:
+    """The fixed relaxed-norm share of an expanded layer's norms (None: plain, or learned per norm)."""
+    alpha = exp.interpolation_norm_alpha
+    return alpha if 0 < alpha <= 1 else None
 
 
 def _project(params: dict, name: str, x):
@@ -113,8 +146,7 @@ def divergence(p: jax.Array, e: jax.Array, kind: str) -> jax.Array:
 def controlled_layer(params: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None):
     """Returns (merged output, cache of both branches, aux with this layer's divergence and mean gate)."""
     exp = ctx.config.expansion
-    alpha_n = exp.interpolation_norm_alpha
-    relax = alpha_n if 0 < alpha_n <= 1 else None
+    relax = expanded_norm_relax(exp)
     p, cache_p = decoder_layer(params["pretrained_layer"], h, ctx, None if cache is None else cache["pretrained_layer"])
     e, cache_e = decoder_layer(params["expanded_layer"], h, ctx, None if cache is None else cache["expanded_layer"],
                                relax=relax)

@@ -96,25 +96,38 @@ def rms_norm(x: jax.Array, p: dict, eps: float, relax: Optional[float] = None) -
     x32 = x.astype(jnp.float32)
     normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     out = p["weight"].astype(x.dtype) * normed
-    if "interpolation_factor" in p:
-        a = jnp.clip(2 * jax.nn.sigmoid(p["interpolation_factor"].astype(jnp.float32)) - 1, 0, 1)
+    a = norm_mix(p, relax)
+    if a is not None:
         out = (a * x32 + (1 - a) * out.astype(jnp.float32)).astype(x.dtype)
-    elif relax:
-        out = (relax * x32 + (1 - relax) * out.astype(jnp.float32)).astype(x.dtype)
     return out
+
+
+def norm_mix(p: dict, relax: Optional[float] = None):
+    """The share a of the raw input in a relaxed norm ``a x + (1 - a) RMSNorm(x)``: learned (from
+    ``interpolation_factor``), the fixed ``relax``, or None for a plain RMSNorm."""
+    if "interpolation_factor" in p:
+        return jnp.clip(2 * jax.nn.sigmoid(p["interpolation_factor"].astype(jnp.float32)) - 1, 0, 1)
+    return relax or None
 
 
 def attention_weights_xla(q, k, v, mask):
     """Masked softmax attention with GQA. q [B,S,Hq,D], k/v [B,T,Hkv,D], mask [B,1,S,T] -> [B,S,Hq,D]."""
+    b, s, hq, d = q.shape
+    probs = attention_probs(q, k, mask).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, hq, d)
+
+
+def attention_probs(q, k, mask) -> jax.Array:
+    """The softmax attention pattern [B, Hkv, G, S, T] (float32) of q [B,S,Hq,D], k [B,T,Hkv,D]; query head
+    k * G + g (G = Hq // Hkv) is [:, k, g]."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, s, hkv, hq // hkv, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, hq, d)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 def attention_weights_cudnn(q, k, v, ctx: Context):
@@ -160,6 +173,27 @@ def self_attention(p: dict, x: jax.Array, ctx: Context, cache: Optional[dict]):
         out = attention_weights_xla(q, k, v, ctx.mask)
     out = checkpoint_name(out.reshape(b, s, c.num_attention_heads * c.head_dim), "attention")
     return dense(out, p["o_proj"], dt), cache
+
+
+def dense_per_head(x: jax.Array, p: dict, n_heads: int, dtype, take=None) -> jax.Array:
+    """A q/k/v projection computed head by head -> [B, S, H, head_dim]. ``x`` is [B, S, D] (shared by every
+    head) or [H, B, S, D] (head i reads its own input x[i]); ``take`` [H] picks, for each of the H output
+    heads, one of the projection's ``n_heads`` (a key/value head serving several query heads under GQA).
+    Equals ``dense`` + reshape (up to rounding); the knowledge-circuit graph gives each head private inputs."""
+    kernel = p["kernel"].reshape(p["kernel"].shape[0], n_heads, -1).astype(dtype)       # [D, n, head_dim]
+    bias = p["bias"].reshape(n_heads, -1).astype(dtype) if "bias" in p else None
+    if take is not None:
+        kernel, bias = kernel[:, take], (None if bias is None else bias[take])
+    y = jnp.einsum("bsd,dhk->bshk" if x.ndim == 3 else "hbsd,dhk->bshk", x, kernel)
+    return y if bias is None else y + bias
+
+
+def head_outputs(z: jax.Array, p: dict, dtype) -> jax.Array:
+    """Each head's share z_h W_O[h] of the attention output, [H, B, S, D], from the per-head attention
+    output z [B, S, H, head_dim]: their sum plus ``p["bias"]`` (if any) is ``dense(z, p)``."""
+    h = z.shape[2]
+    kernel = p["kernel"].reshape(h, -1, p["kernel"].shape[-1]).astype(dtype)            # [H, head_dim, D]
+    return jnp.einsum("bshk,hkd->hbsd", z, kernel)
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
