@@ -1,10 +1,11 @@
 """The benchmarks' CPU smoke runs: the same code paths as the GPU measurements, tiny shapes, no timing checks."""
-import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +163,131 @@ def test_retention_frontier_smoke(tmp_path):
     assert result["summary"]["full"]["family"] == "full" and result["summary"]["dlerp"]["family"] == "controlllm"
     assert result["summary"]["controlllm"] is None        # no retention measured, so no point qualifies
     assert png.is_file()
+
+
+# The GPU sweep (bench/gpu_sweep.py) and the release's W1 harness (bench/peer_w1.py): their CPU side.
+
+def bench_module(name):
+    sys.path.insert(0, str(ROOT / "bench"))
+    return __import__(name)
+
+
+@pytest.mark.parametrize("preset", ["w1", "smoke"])
+def test_peer_harness_expands_the_layers_we_expand(preset):
+    """The expanded config the release is given controls the same layers as our expansion of the same preset
+    (W1: 3, 7, ..., 31), so both sides time the same model."""
+    from jax_controlllm.config import ExpansionConfig, ModelConfig
+    from jax_controlllm.model.control import expanded_config
+    from jax_controlllm.model.layout import controlled_indices
+
+    peer_w1, train_step = bench_module("peer_w1"), bench_module("train_step")
+    spec = train_step.PRESETS[preset]
+    expansion = peer_w1.expansion_config(spec, Path("/base"))
+    n = spec["model"]["num_hidden_layers"]
+    ours = controlled_indices(expanded_config(ModelConfig(**spec["model"]), ExpansionConfig(**spec["expansion"])))
+    assert [i for i in range(n) if i not in expansion["freezed_layers"]] == ours
+    if preset == "w1":
+        assert ours == list(range(3, 32, 4))
+        assert (expansion["merge_method"], expansion["interpolation_loss_type"]) == ("dlerp", "mse")
+
+
+def test_peer_harness_refuses_a_checkout_that_is_not_the_release(tmp_path):
+    peer_w1 = bench_module("peer_w1")
+    with pytest.raises(SystemExit, match="--checkout .*no src/controlllm/utils/model_expander.py"):
+        peer_w1.release_expander(tmp_path)
+    expander = tmp_path / "src" / "controlllm" / "utils" / "model_expander.py"
+    expander.parent.mkdir(parents=True)
+    expander.write_text("# edited\n")
+    with pytest.raises(SystemExit, match="--checkout .*model_expander.py differs from linkedin/ControlLLM@7657b9f"):
+        peer_w1.release_expander(tmp_path)
+
+
+def test_sweep_keeps_the_pinned_wheels_to_the_peer_processes(tmp_path):
+    gpu_sweep = bench_module("gpu_sweep")
+    args = type("Args", (), {"peer_site": tmp_path / "site"})()
+    items = {item["name"]: item for item in gpu_sweep.ITEMS}
+    assert gpu_sweep.child_env(items["peer-best"], args)["PYTHONPATH"] == str(tmp_path / "site")
+    ours = gpu_sweep.child_env(items["ours-best"], args)["PYTHONPATH"].split(":")
+    assert ours[0] == str(ROOT) and str(tmp_path / "site") not in ours
+
+
+def test_sweep_rows_carry_mfu_and_same_run_ratios():
+    gpu_sweep = bench_module("gpu_sweep")
+    args = type("Args", (), {"run_id": "r2"})()
+    items = {item["name"]: item for item in gpu_sweep.ITEMS}
+    fpt = 43e9
+    rows = [{"name": "peer-best", "role": "peer", "run_id": "r1", "tokens_per_s": 1000.0},  # another run
+            gpu_sweep.annotate({"tokens_per_s": 12000.0, "device": "NVIDIA H200"}, items["peer-best"],
+                               ["python3", "bench/peer_w1.py"], args, fpt),
+            gpu_sweep.annotate({"tokens_per_s": 9000.0, "device": "NVIDIA H200"}, items["peer-recipe"],
+                               ["python3", "bench/peer_w1.py"], args, fpt),
+            gpu_sweep.annotate({"tokens_per_s": 15000.0, "device": "NVIDIA H200", "ratio_vs_peer_best": 1.24},
+                               items["ours-best"], ["python3", "bench/train_step.py"], args, fpt),
+            gpu_sweep.annotate({"tokens_per_s": 10.0, "device": "cpu"}, items["ours-best"], ["python", "x"], args,
+                               fpt)]
+    gpu_sweep.same_run_ratios(rows, "r2")
+    ours = rows[3]
+    assert (ours["role"], ours["run_id"], ours["precision"]) == ("ours", "r2", "bf16")
+    assert ours["model_flops_utilisation"] == round(43e9 * 15000 / 989e12, 4)
+    assert ours["ratio_vs_peer_best_same_run"] == 1.25 and ours["ratio_vs_peer_recipe_same_run"] == round(15 / 9, 3)
+    assert "ratio_vs_peer_best" not in ours  # train_step's ratio to the H100 constant does not travel
+    assert rows[4]["model_flops_utilisation"] is None  # no peak FLOP/s known for a CPU
+    assert "ratio_vs_peer_best_same_run" not in rows[1]
+
+
+def test_sweep_skips_what_would_pass_its_budget(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    proc = subprocess.run([sys.executable, "bench/gpu_sweep.py", "--peer-wheels", str(wheels)], cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"--peer-wheels {wheels}: no .whl files there" in proc.stderr
+    proc = subprocess.run([sys.executable, "bench/gpu_sweep.py", "--budget-s", "0", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ours-best: skipped" in proc.stdout and "peer-best: skipped (no --peer-checkout)" in proc.stdout
+    assert not (tmp_path / "h200_train_step.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_sweep_dry_run_of_our_side(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_sweep.py", "--dry-run", "--only", "ours-best", "eapig-fp32",
+                           "--out-dir", str(tmp_path), "--run-id", "ci"], cwd=ROOT, check=False, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "h200_train_step.json").read_text())
+    assert (row["name"], row["role"], row["run_id"], row["precision"], row["device"]) == \
+        ("ours-best", "ours", "ci", "bf16", "cpu")
+    assert row["tokens_per_s"] > 0 and row["step_s_median"] > 0 and row["flops_per_token"] > 0
+    assert "bench/train_step.py" in row["command"] and "jax" in row["versions"]
+    eapig = json.loads((tmp_path / "dryrun_eapig_h200_float32.json").read_text())
+    assert eapig["run_id"] == "ci" and eapig["prompts_per_second"] > 0 and eapig["dtype"] == "float32"
+    assert eapig["peer_reference"]["prompts_per_s"] == 18.04
+
+
+PEER_CHECKOUT, PEER_PYTHON = os.environ.get("CONTROLLLM_PEER_CHECKOUT"), os.environ.get("CONTROLLLM_PEER_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PEER_CHECKOUT and PEER_PYTHON and Path(PEER_CHECKOUT).is_dir()),
+                    reason="the release's checkout and its environment (CONTROLLLM_PEER_CHECKOUT, "
+                           "CONTROLLLM_PEER_PYTHON; bench/README.md) are not on this machine")
+def test_gpu_sweep_dry_run_of_the_peer_side(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_sweep.py", "--dry-run", "--only", "peer-best", "peer-recipe",
+                           "--peer-checkout", PEER_CHECKOUT, "--peer-python", PEER_PYTHON, "--out-dir",
+                           str(tmp_path)], cwd=ROOT, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "h200_train_step.json").read_text())}
+    for name, batch, checkpointing in (("peer-best", 2, False), ("peer-recipe", 4, True)):
+        row = rows[name]
+        assert "error" not in row, row.get("error")
+        assert (row["role"], row["batch"], row["gradient_checkpointing"]) == ("peer", batch, checkpointing)
+        assert row["tokens_per_s"] > 0 and row["loss_first_last"][0] > 0
+        # the smoke shape's 2 controlled layers (64 hidden, 128 MLP, 4 heads / 2 KV) and their dlerp gates
+        assert row["trainable_params"] == 2 * (64 * (2 * 64 + 2 * 32) + 3 * 64 * 128 + 2 * 64) + 2 * 128
+        assert row["versions"]["transformers"] == "4.49.0"
+    # W1 itself, built on the meta device: the parameter counts the release's H100 measurement reported
+    proc = subprocess.run([PEER_PYTHON, "bench/peer_w1.py", "--checkout", PEER_CHECKOUT, "--count-params"], cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (counts["trainable_params"], counts["total_params"]) == (1744961536, 9775222792)
