@@ -291,3 +291,14 @@ def test_gpu_sweep_dry_run_of_the_peer_side(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (counts["trainable_params"], counts["total_params"]) == (1744961536, 9775222792)
+
+
+def test_sweep_driver_leaves_the_gpu_to_its_children():
+    """The driver computes the FLOP count with JAX imported but no backend started: on a GPU a started backend
+    would hold most of its memory for the whole sweep and starve every measured process."""
+    check = ("import gpu_sweep; from jax._src import xla_bridge; gpu_sweep.required_flops_per_token('w1'); "
+             "gpu_sweep.peak_flops('NVIDIA H200'); print(sorted(xla_bridge._backends))")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT / "bench", check=False, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
