@@ -139,15 +139,18 @@ def annotate(row: dict, item: dict, cmd: list[str], args, fpt: float) -> dict:
 
 
 def same_run_ratios(rows: list[dict], run_id: str) -> None:
-    """Ours / the peer's best and recipe rows of the same run (micro-batch 2 and 4 as W1 names them)."""
-    peer = {r["name"]: r["tokens_per_s"] for r in rows if r.get("run_id") == run_id and r.get("role") == "peer"
-            and r.get("tokens_per_s")}
+    """Ours / the peer's best and its recipe in the same run. The peer's best is its fastest row without
+    checkpointing (micro-batch 2 as W1 names it, or 4 where the GPU holds that); the recipe is micro-batch 4 with."""
+    peer = [r for r in rows if r.get("run_id") == run_id and r.get("role") == "peer" and r.get("tokens_per_s")]
+    best = max((r for r in peer if r["name"].startswith("peer-best")), key=lambda r: r["tokens_per_s"], default=None)
+    recipe = next((r for r in peer if r["name"] == "peer-recipe"), None)
     for r in rows:
         if r.get("run_id") == run_id and r.get("role") == "ours" and r.get("tokens_per_s"):
-            for key, name in (("ratio_vs_peer_best_same_run", "peer-best"),
-                              ("ratio_vs_peer_recipe_same_run", "peer-recipe")):
-                if name in peer:
-                    r[key] = round(r["tokens_per_s"] / peer[name], 3)
+            if best:
+                r.update(ratio_vs_peer_best_same_run=round(r["tokens_per_s"] / best["tokens_per_s"], 3),
+                         peer_best_same_run=best["name"])
+            if recipe:
+                r["ratio_vs_peer_recipe_same_run"] = round(r["tokens_per_s"] / recipe["tokens_per_s"], 3)
 
 
 def install_peer_wheels(args) -> None:

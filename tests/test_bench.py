@@ -230,6 +230,11 @@ def test_sweep_rows_carry_mfu_and_same_run_ratios():
     assert (ours["role"], ours["run_id"], ours["precision"]) == ("ours", "r2", "bf16")
     assert ours["model_flops_utilisation"] == round(43e9 * 15000 / 989e12, 4)
     assert ours["ratio_vs_peer_best_same_run"] == 1.25 and ours["ratio_vs_peer_recipe_same_run"] == round(15 / 9, 3)
+    # where micro-batch 4 without checkpointing fits and is faster, it is the peer's best
+    rows.append(gpu_sweep.annotate({"tokens_per_s": 12500.0, "device": "NVIDIA H200"}, items["peer-best-mb4"],
+                                   ["python3", "bench/peer_w1.py"], args, fpt))
+    gpu_sweep.same_run_ratios(rows, "r2")
+    assert (ours["ratio_vs_peer_best_same_run"], ours["peer_best_same_run"]) == (1.2, "peer-best-mb4")
     assert "ratio_vs_peer_best" not in ours  # train_step's ratio to the H100 constant does not travel
     assert rows[4]["model_flops_utilisation"] is None  # no peak FLOP/s known for a CPU
     assert "ratio_vs_peer_best_same_run" not in rows[1]
