@@ -7,10 +7,22 @@ Run directory layout::
                           /model_config/  the ModelConfig, expansion included (JSON, file "metadata")
                           /data_state/    the data iterator state, one process_<i>.json per process
 
+                          /checksums.json the manifest: size and xxh3-64 digest of every file above
+
 A step directory appears only when every item is written: Orbax writes into
 ``<step>.orbax-checkpoint-tmp-*`` and renames it at the end, so a crash mid-save leaves nothing that
-``latest_step`` (and so a resume) would pick. Restores go through abstract targets (ShapeDtypeStruct with
-shardings), so a checkpoint written on one mesh loads onto any other.
+``latest_step`` (and so a resume) would pick. Once Orbax has finished (renamed) a save, the manifest is written
+last (``jax_controlllm.checksums``); a step without it is incomplete and never used.
+
+Opening a run for training verifies its checkpoints from the newest down to the first intact one; any that is
+damaged (a file missing, truncated or with other bytes) or incomplete (no manifest) is set aside, renamed
+``<step>.damaged`` / ``<step>.incomplete`` (kept on disk, out of Orbax's sight), and the run resumes from the
+newest intact one, saying so in one line. Loading a model (``load_model``: export, eval, generation, circuits)
+verifies what it reads and refuses a damaged checkpoint with a one-line ``CheckpointDamagedError``. Retention
+(``keep_last`` / ``keep_every``) is applied here, not by Orbax, and only to complete (manifest) steps.
+
+Restores go through abstract targets (ShapeDtypeStruct with shardings), so a checkpoint written on one mesh loads
+onto any other.
 
 Writes stay inside ``RUN/checkpoints``: steps are non-negative integers, and symbolic links in the way are refused.
 A save that cannot be written (disk full, quota, permissions) raises ``CheckpointWriteError`` with a one-line
@@ -18,8 +30,9 @@ message; the checkpoints already there are left untouched (Orbax deletes old ste
 
 Standalone export (``save_model``)::
 
-    EXPORT/model_config.json   the full ModelConfig (expansion included)
+    EXPORT/model_config.json   the full ModelConfig (expansion included); written last
     EXPORT/params/             Orbax PyTree of the parameters
+    EXPORT/checksums.json      the manifest of params/ (exports written before manifests have none: not verified)
 """
 from __future__ import annotations
 
@@ -29,19 +42,24 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
 
+from jax_controlllm.checksums import (DAMAGED, INCOMPLETE, MANIFEST, CheckpointDamagedError, Verdict, verify,
+                                      write_manifest)
 from jax_controlllm.config import ConfigError, ModelConfig, from_dict
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "model_config", "data_state")
 TMP_MARKER = ".orbax-checkpoint-tmp"      # Orbax's name for a step directory still being written
+SET_ASIDE = (DAMAGED, INCOMPLETE)         # suffixes of step directories that failed verification
+VERIFY_COMMAND = "python -m launch.checkpoints verify"
+MODEL_ITEMS = ("params", "model_config")  # what load_model reads of a training checkpoint
 SAVE_INODES = 256                         # files a save may create, with room to spare (it makes ~50)
 OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")   # how tensorstore names the OS error behind a failed write
 
@@ -109,23 +127,30 @@ class Restored:
 
 
 class RunCheckpoints:
-    """Orbax CheckpointManager over ``run_dir/checkpoints``: async saves, keep the last ``keep_last``
-    plus every ``keep_every``-th step; leftovers of interrupted saves are removed on start."""
+    """Orbax CheckpointManager over ``run_dir/checkpoints``: async saves, each sealed by a checksum manifest once
+    Orbax has finished it; keeps the last ``keep_last`` complete steps plus every ``keep_every``-th step.
+
+    Opening it for writing removes the leftovers of interrupted saves and sets aside the damaged or incomplete
+    steps above the newest intact one; ``resume_note`` is then the one line that says so (None if nothing was
+    set aside). If checkpoints exist but none is intact, CheckpointDamagedError."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False):
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
+        self.resume_note: Optional[str] = None
         if not read_only:
             refuse_links(self.directory)
             remove_interrupted_saves(self.directory)
+            self.resume_note = set_aside_unusable(self.directory)
+        self.keep_last, self.keep_every = max(keep_last, 1), keep_every
         self._pending: Optional[int] = None       # the step whose async save may still be running
-        policies = [keep.LatestN(max(keep_last, 1))]
-        if keep_every > 0:
-            policies.append(keep.EveryNSteps(keep_every))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=keep.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            read_only=read_only, create=not read_only)
+        self._sealer: Optional[threading.Thread] = None
+        self._seal_error: Optional[BaseException] = None
+        # No Orbax retention: ours (apply_retention) counts only sealed steps
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, read_only=read_only,
+                                               create=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.async_save = async_save
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -147,6 +172,22 @@ class RunCheckpoints:
         except Exception as err:
             raise self._write_error(step, err) from None
         self._pending = step
+        if self.async_save:     # sealed in the background, as soon as Orbax has renamed the step into place
+            self._sealer = threading.Thread(target=self._seal, args=(step,), name=f"seal-checkpoint-{step}",
+                                            daemon=True)
+            self._sealer.start()
+        else:
+            self._seal(step)
+            self.wait()
+
+    def _seal(self, step: int) -> None:
+        """Wait for Orbax to finish the save, then write its manifest (process 0). Errors are kept for wait()."""
+        try:
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_manifest(self.directory / str(step))
+        except BaseException as err:  # noqa: BLE001 - re-raised by wait() on the main thread
+            self._seal_error = err
 
     def read_model_config(self, step: int) -> ModelConfig:
         data = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
@@ -164,12 +205,38 @@ class RunCheckpoints:
                         out["data_state"])
 
     def wait(self) -> None:
-        """Block until the last save is on disk; CheckpointWriteError if it could not be written."""
+        """Block until the last save is on disk and sealed, then apply retention; CheckpointWriteError if it could
+        not be written."""
         step, self._pending = self._pending, None
+        sealer, self._sealer = self._sealer, None
         try:
-            self.manager.wait_until_finished()
+            if sealer is not None:
+                sealer.join()
+            else:
+                self.manager.wait_until_finished()
+            err, self._seal_error = self._seal_error, None
+            if err is not None:
+                raise err
         except Exception as err:
             raise self._write_error(step, err) from None
+        if step is not None:
+            self.apply_retention()
+
+    def apply_retention(self) -> None:
+        """Delete the steps that ``keep_last`` / ``keep_every`` no longer keep. Only sealed steps count towards
+        ``keep_last``, and the newest sealed one is always kept: a step that is not (yet) complete never pushes
+        an intact one out. Run on every process (Orbax's delete synchronises them) after the pending save."""
+        steps = self.all_steps()
+        sealed = [s for s in steps if (self.directory / str(s) / MANIFEST).is_file()]
+        if jax.process_count() > 1:               # the manifest is written by process 0: its view decides
+            from jax.experimental import multihost_utils
+            flags = multihost_utils.broadcast_one_to_all(np.array([s in sealed for s in steps], dtype=bool))
+            sealed = [s for s, flag in zip(steps, flags) if flag]
+        latest = sealed[-self.keep_last:]
+        for step in steps:
+            # only steps older than the kept complete ones: never one newer than the newest complete step
+            if latest and step < latest[0] and not (self.keep_every > 0 and step % self.keep_every == 0):
+                self.manager.delete(step)
 
     def _check_free_space(self, step: int, trees) -> None:
         """Refuse a save that cannot fit before starting it: a disk found full in the middle of an asynchronous
@@ -202,7 +269,7 @@ class RunCheckpoints:
         return self._failed(step, reason)
 
     def _failed(self, step: Optional[int], reason: str) -> CheckpointWriteError:
-        kept = steps_on_disk(self.directory)
+        kept = sealed_steps(self.directory)
         then = f"resume from step {kept[-1]}" if kept else "start again"
         return CheckpointWriteError(
             f"checkpoint {'' if step is None else f'step {step} '}could not be written in {self.directory}: "
@@ -210,7 +277,7 @@ class RunCheckpoints:
             f"cause) and rerun the same command to {then}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -238,10 +305,80 @@ def checked_step(step) -> int:
 
 
 def steps_on_disk(directory: Path) -> list[int]:
-    """The complete steps: directories named by an integer (interrupted saves keep Orbax's tmp names)."""
+    """The steps Orbax finished: directories named by an integer (interrupted saves keep Orbax's tmp names,
+    set-aside ones a suffix)."""
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
+
+
+def sealed_steps(directory: Path) -> list[int]:
+    """The complete steps: finished by Orbax and sealed by their manifest (not verified here: see ``verify``)."""
+    return [s for s in steps_on_disk(directory) if (directory / str(s) / MANIFEST).is_file()]
+
+
+def set_aside_dirs(directory: Path) -> list[Path]:
+    """Step directories set aside by an earlier verification (``<step>.damaged``, ``<step>.incomplete``)."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.split(".")[0].isdigit()
+                   and len(p.name.split(".")) > 1 and p.name.split(".")[1] in SET_ASIDE),
+                  key=lambda p: (int(p.name.split(".")[0]), p.name))
+
+
+def set_aside_unusable(directory: Path) -> Optional[str]:
+    """Verify the steps newest first until one is intact; rename the damaged or incomplete ones above it out of
+    the way. Returns the line to print (None: the newest step was intact, or there is none). Raises
+    CheckpointDamagedError if checkpoints exist but none is intact. Process 0 decides, the others follow."""
+    outcome = _set_aside(directory) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = multihost_utils.broadcast_one_to_all(np.array(isinstance(outcome, Exception)))
+        multihost_utils.sync_global_devices("checkpoints verified")
+        if bool(failed) and outcome is None:
+            raise CheckpointDamagedError(f"{directory}: no intact checkpoint (process 0 says which are damaged)")
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _set_aside(directory: Path):
+    moved, intact = [], None
+    for step in reversed(steps_on_disk(directory)):
+        verdict = verify(directory / str(step))
+        if verdict.intact:
+            intact = step
+            break
+        target = _aside_name(directory, step, verdict.state)
+        os.rename(directory / str(step), target)
+        moved.append(f"step {step} is {verdict.state} ({verdict.reason()}), set aside as {target.name}")
+    if intact is None and (moved or set_aside_dirs(directory)):
+        aside = ", ".join(p.name for p in set_aside_dirs(directory))
+        return CheckpointDamagedError(
+            f"no intact checkpoint in {directory}: {'; '.join(moved) + '; ' if moved else ''}kept aside: {aside}. "
+            f"Start a new run with another --out, or move {directory} away to start this run over")
+    if not moved:
+        return None
+    return (f"checkpoint {'; '.join(moved)} (kept on disk); resuming from step {intact}, the newest intact "
+            f"checkpoint ({VERIFY_COMMAND} {directory.parent} lists them all)")
+
+
+def _aside_name(directory: Path, step: int, state: str) -> Path:
+    target, n = directory / f"{step}.{state}", 1
+    while target.exists():
+        target, n = directory / f"{step}.{state}.{n}", n + 1
+    return target
+
+
+def check_intact(root: Path, items: Optional[tuple] = None) -> Verdict:
+    """Verify a checkpoint (a step directory or an export) before reading it; CheckpointDamagedError naming it
+    and the damage otherwise."""
+    verdict = verify(root, items)
+    if not verdict.intact:
+        run = root.parent.parent if root.parent.name == CHECKPOINTS else root
+        raise CheckpointDamagedError(f"checkpoint {root} is {verdict.state}: {verdict.reason()}; "
+                                     f"{VERIFY_COMMAND} {run} lists the intact ones")
+    return verdict
 
 
 def refuse_links(directory: Path) -> None:
@@ -299,9 +436,12 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path]:
     if (p / "params").is_dir() and (p / "model_config").is_dir():
         return p / "params", p / "model_config" / "metadata"
     root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    steps = steps_on_disk(root)
+    steps = sealed_steps(root)
     if steps:
         return resolve_model_dir(root / str(steps[-1]))
+    if steps_on_disk(root) or set_aside_dirs(root):
+        raise CheckpointDamagedError(f"{root}: no complete checkpoint (none with its {MANIFEST}); "
+                                     f"{VERIFY_COMMAND} {root.parent if root != p else p} says why")
     raise ConfigError(f"{p}: not a checkpoint; expected a run directory (with {CHECKPOINTS}/<step>/), a step "
                       f"directory (with params/ and model_config/) or an export (model_config.json + params/)")
 
@@ -313,6 +453,10 @@ def load_model(path: str | Path, shardings: Optional[dict] = None, as_numpy: boo
     Params land on ``shardings`` (a tree of NamedSharding, e.g. ``sharding.param_shardings``), on the first
     device by default, or in host memory as numpy arrays with ``as_numpy=True``."""
     params_dir, config_file = resolve_model_dir(path)
+    if config_file.name != "model_config.json":                     # a training checkpoint: always sealed
+        check_intact(params_dir.parent, MODEL_ITEMS)
+    elif (params_dir.parent / MANIFEST).is_file():                   # an export (older ones have no manifest)
+        check_intact(params_dir.parent, ("params",))
     config = model_config_from_json(json.loads(config_file.read_text()), str(config_file))
     return config, _restore_params(params_dir, config, shardings, as_numpy)
 
@@ -332,6 +476,7 @@ def save_model(config: ModelConfig, params: dict, path: str | Path, overwrite: b
         ckptr.save(out / "params", params)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
+        write_manifest(out)
         # Written last: an export without model_config.json is incomplete and is not recognised.
         tmp = out / "model_config.json.tmp"
         tmp.write_text(json.dumps(model_config_to_json(config), indent=2) + "\n")

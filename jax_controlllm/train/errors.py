@@ -1,7 +1,9 @@
 """Exceptions that mean "bad input" (config, mesh, paths, data): the CLI prints them as one line."""
+from jax_controlllm.checksums import CheckpointDamagedError
 from jax_controlllm.config import ConfigError
 from jax_controlllm.convert.hf import ConversionError
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.sharding import ShardingError
 
-USER_ERRORS = (ConfigError, ShardingError, ConversionError, DataError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, CheckpointDamagedError, ShardingError, ConversionError, DataError, FileNotFoundError,
+               FileExistsError)

@@ -24,7 +24,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from jax_controlllm.checkpoint import CheckpointWriteError, steps_on_disk
+from jax_controlllm.checkpoint import VERIFY_COMMAND, CheckpointWriteError, sealed_steps
 from jax_controlllm.train.data import (Prefetcher, eval_batch_size, make_iterator, process_batch_slot,
                                        to_global, tokenizer_source)
 from jax_controlllm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -32,6 +32,8 @@ from jax_controlllm.train.setup import Trainer
 from jax_controlllm.train.state import combine
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED = 0, 1, 3, 74, 75
+# A non-finite loss this few steps after a restore points at the checkpoint rather than the learning rate.
+STEPS_SUSPECTING_THE_RESTORE = 3
 
 
 @dataclass
@@ -108,7 +110,7 @@ def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: boo
             result = loop.run(signals)
         checkpoints.wait()
     except CheckpointWriteError as err:      # disk full & co: stop, the checkpoints already written stay intact
-        kept = steps_on_disk(checkpoints.directory)
+        kept = sealed_steps(checkpoints.directory)
         result = LoopResult(EXIT_CHECKPOINT_FAILED, kept[-1] if kept else 0, str(err))
     finally:
         loop.close()
@@ -121,7 +123,7 @@ class _Loop:
 
     def __init__(self, trainer: Trainer, run_dir: Path, checkpoints, progress: bool):
         run, train = trainer.run, trainer.run.train
-        self.trainer, self.train, self.checkpoints = trainer, train, checkpoints
+        self.trainer, self.train, self.checkpoints, self.run_dir = trainer, train, checkpoints, run_dir
         main = jax.process_index() == 0
         sharding = trainer.shardings.batch["input_ids"]
         slot, count = process_batch_slot(sharding, train.batch_size, train.seq_len)
@@ -186,19 +188,33 @@ class _Loop:
         allowed = self.train.skip_nonfinite_steps
         if self.bad_steps > allowed:
             return False
-        self.log(f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} of {allowed} allowed)")
+        self.log(f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} of {allowed} allowed)"
+                 + self.restore_suspect())
         return True
+
+    def restore_suspect(self) -> str:
+        """For a non-finite loss right after a restore: the checkpoint may be damaged, and how to check it."""
+        start = self.trainer.start_step
+        if not start or self.step - start > STEPS_SUSPECTING_THE_RESTORE:
+            return ""
+        return (f"; this is {self.step - start} step(s) after the restore of checkpoint step {start}, which may "
+                f"be damaged: check it with {VERIFY_COMMAND} {self.run_dir}")
 
     def stop_nonfinite(self) -> LoopResult:
         # The guarded update left weights and optimizer untouched: this is the state after the previous step,
         # and self.data_state is still the position after that step.
+        suspect = self.restore_suspect()
         self.state = self.state.replace(step=self.state.step - 1)
         self.step -= 1
+        allowed = f"allowed skips: train.skip_nonfinite_steps={self.train.skip_nonfinite_steps}"
+        if suspect:     # no new checkpoint of a state that may come from a damaged one: retention keeps the old
+            return LoopResult(EXIT_NONFINITE, self.step, (
+                f"step {self.step + 1}: the loss is not finite ({allowed}); stopped without a new checkpoint"
+                f"{suspect}; otherwise lower train.lr, check the data, or allow skips"))
         self.save(self.step)
         return LoopResult(EXIT_NONFINITE, self.step, (
             f"step {self.step + 1}: the loss is not finite; stopped with a checkpoint of step {self.step} in "
-            f"{self.checkpoints.directory} (allowed skips: train.skip_nonfinite_steps="
-            f"{self.train.skip_nonfinite_steps}). Lower train.lr, check the data, or allow skips"))
+            f"{self.checkpoints.directory} ({allowed}). Lower train.lr, check the data, or allow skips"))
 
     def after_step(self) -> None:
         step, train = self.step, self.train

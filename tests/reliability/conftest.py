@@ -1,5 +1,6 @@
 """Shared fixtures of the reliability suite: one compilation cache and one uninterrupted reference run, both
-shared by the xdist workers (the reference is computed once, under a file lock)."""
+shared by the xdist workers (the reference is computed once, under a file lock), and one stopped run with a few
+checkpoints that tests damage copies of."""
 import fcntl
 import os
 import shutil
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import STEPS, final_params, reference_losses, run_to_end
+from harness import STEPS, complete_steps, final_params, reference_losses, run_to_end
+
+INTACT_STEP = 54                 # the stopped run's oldest checkpoint: the tests damage the newer ones
+DAMAGED_STEPS = (57, 56, 55)     # flipped, truncated, deleted (harness.FAULTS, in order)
 
 
 def shared_dir(tmp_path_factory) -> Path:
@@ -46,3 +50,30 @@ def reference(tmp_path_factory, cache_dir):
     losses = reference_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return {"dir": run_dir, "losses": losses, "params": final_params(run_dir)}
+
+
+@pytest.fixture(scope="session")
+def stopped(tmp_path_factory, cache_dir):
+    """A run stopped (SIGTERM) at step 57 with the checkpoints of steps 54 to 57 (each xdist worker makes its own;
+    tests work on copies)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    first = run_to_end(run_dir, cache_dir, "train.save_every=0", f"train.inject_sigterm_at_step={INTACT_STEP}")
+    assert first.process.returncode == 75, first.stderr[-3000:]
+    second = run_to_end(run_dir, cache_dir, "train.keep_last=4", f"train.inject_sigterm_at_step={DAMAGED_STEPS[0]}")
+    assert second.process.returncode == 75, second.stderr[-3000:]
+    # the changes of the second start are harmless ones: applied and listed in one line
+    changes = [line for line in second.lines if line.startswith("resuming with changed ")]
+    assert len(changes) == 1 and "train.save_every (0 -> 1)" in changes[0] and "train.keep_last (3 -> 4)" in \
+        changes[0], second.stderr[-3000:]
+    assert complete_steps(run_dir) == [INTACT_STEP, *sorted(DAMAGED_STEPS)]
+    return run_dir
+
+
+def copy_of(stopped: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    return run_dir
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / str(step)

@@ -27,6 +27,7 @@ STEPS = 60
 TRIAL_OVERRIDES = (f"train.steps={STEPS}", "train.save_every=1", "train.async_checkpoint=true",
                    "train.eval_every=0", "train.keep_last=3")
 TMP_MARKER = ".orbax-checkpoint-tmp"
+MANIFEST = "checksums.json"      # a step is complete once its checksum manifest is written (last)
 EXIT_NONFINITE, EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED = 3, 74, 75
 
 # launch.train, with torch hidden: tensorboardX imports torch when it is installed (a test-only dependency the
@@ -163,11 +164,53 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def complete_steps(run_dir: Path) -> list[int]:
-    """Step directories (what a resume may pick: Orbax only renames a save to ``<step>`` once it is whole)."""
+    """Sealed step directories (what a resume may pick: Orbax only renames a save to ``<step>`` once it is
+    whole, and the checksum manifest is written after that)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit())
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()
+                  and (p / MANIFEST).is_file())
+
+
+def set_aside(run_dir: Path) -> list[str]:
+    """Checkpoints that a start found damaged or incomplete and renamed out of the way."""
+    root = checkpoint_dir(run_dir)
+    return sorted(p.name for p in root.iterdir() if p.name.split(".")[0].isdigit() and "." in p.name
+                  and TMP_MARKER not in p.name) if root.is_dir() else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints: one file of a kind, flipped, truncated or deleted
+# ----------------------------------------------------------------------------------------------
+
+FILE_KINDS = {   # kind of checkpoint file: how to find it in a step directory
+    "parameters": lambda step_dir: largest(step_dir / "params"),
+    "optimizer state": lambda step_dir: largest(step_dir / "opt_state"),
+    "data state": lambda step_dir: step_dir / "data_state" / "process_0.json",
+    "metadata": lambda step_dir: step_dir / "model_config" / "metadata",
+}
+FAULTS = ("flip", "truncate", "delete")
+
+
+def largest(directory: Path) -> Path:
+    """The largest file under ``directory``: array bytes, not Orbax's small index files."""
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: (p.stat().st_size, str(p)))
+
+
+def damage(path: Path, fault: str) -> None:
+    """Flip 8 bytes in the middle, cut the file to half its size, or delete it."""
+    if fault == "delete":
+        path.unlink()
+        return
+    data = bytearray(path.read_bytes())
+    if fault == "truncate":
+        path.write_bytes(bytes(data[:len(data) // 2]))
+        return
+    assert fault == "flip", fault
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
 
 
 def interrupted_saves(run_dir: Path) -> list[str]:
