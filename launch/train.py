@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--process-id", type=int, help="multi-process: this process's index")
     p.add_argument("--distributed", action="store_true",
                    help="multi-process with the cluster's auto-detection (Cloud TPU pods, SLURM)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume although KEY (e.g. train.lr, or a section: data) differs from the run's "
+                        "config.yaml (repeatable); model, expansion and tokenizer changes need a new --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -89,6 +92,11 @@ def _main(args: argparse.Namespace) -> int:
     from jax_controlllm.train import (EXIT_BAD_INPUT, aot_memory_report, build_trainer, check_data_config,
                                       create_run_dir, initialize_distributed, open_checkpoints, train_loop)
     from jax_controlllm.train.errors import USER_ERRORS
+    from jax_controlllm.train.rundir import hold_run_dir, resume_report
+
+    def say(line: str) -> None:
+        if jax.process_index() == 0:
+            print(line, file=sys.stderr)
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
@@ -97,16 +105,19 @@ def _main(args: argparse.Namespace) -> int:
             print(aot_memory_report(run, args.aot_topology))
             return 0
         run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
-        prepare_knowledge(run, run_dir)                         # the generated corpus, if the config asks
-        run = resolve_auto_layers(run, run_dir)                 # expansion.layers: auto, once per run
-        check_data_config(run)
-        mesh = make_mesh(run.mesh.shape, run.mesh.axes)
-        checkpoints = open_checkpoints(run_dir, run)            # None for a new run
-        trainer = build_trainer(run, mesh, checkpoints)         # weights in their shards + compiled step
-        checkpoints = checkpoints or create_run_dir(run_dir, run)
-        result = train_loop(trainer, run_dir, checkpoints, progress=not args.no_progress)
-        if result.exit_code == 0 and jax.process_index() == 0:
-            acquisition_retention_report(run, run_dir, progress=not args.no_progress)   # if the config asks
+        with hold_run_dir(run_dir, say):                        # one trainer per run directory
+            prepare_knowledge(run, run_dir)                     # the generated corpus, if the config asks
+            run = resolve_auto_layers(run, run_dir)             # expansion.layers: auto, once per run
+            check_data_config(run)
+            mesh = make_mesh(run.mesh.shape, run.mesh.axes)
+            checkpoints = open_checkpoints(run_dir, run)        # None for a new run; damaged steps set aside
+            for line in resume_report(checkpoints, run_dir, run, tuple(args.allow_change)):
+                say(line)
+            trainer = build_trainer(run, mesh, checkpoints)     # weights in their shards + compiled step
+            checkpoints = checkpoints or create_run_dir(run_dir, run)
+            result = train_loop(trainer, run_dir, checkpoints, progress=not args.no_progress)
+            if result.exit_code == 0 and jax.process_index() == 0:
+                acquisition_retention_report(run, run_dir, progress=not args.no_progress)   # if the config asks
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
