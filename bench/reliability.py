@@ -10,8 +10,13 @@
    start resumes from the newest complete checkpoint, that checkpoint reads back whole, SIGTERM exits with 75 and
    a checkpoint of its step, and every loss any start logged and the final weights equal the reference's bit for
    bit).
-3. Runs the rest of tests/reliability with pytest (disk full and write errors, NaN/inf, hostile configs, data
-   files, safetensors headers, checkpoint paths) and records each test's outcome.
+3. Damaged checkpoints: a run stopped at step 57 with checkpoints 54-57; for each kind of checkpoint file
+   (parameters, optimizer state, data state, metadata) and each fault (bytes flipped, truncated, deleted), a copy
+   of it has that file of step 57 damaged and is resumed to the end. Checked: the damaged step is set aside with
+   one line, the run resumes from step 56 and its losses and final weights equal the reference's bit for bit.
+4. Runs the rest of tests/reliability with pytest (disk full and write errors, NaN/inf, damaged checkpoints, two
+   trainers, config drift, hostile configs, data files, safetensors headers, checkpoint paths) and records each
+   test's outcome.
 
 Prints JSON and writes it to --out, with the command, the machine and the versions.
 """
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "reliability"))
 
-from harness import STEPS, final_params, reference_losses, run_to_end  # noqa: E402
+from harness import (DAMAGED_STEPS, FAULTS, FILE_KINDS, STEPS, damage, final_params, loss_records,  # noqa: E402
+                     reference_losses, run_to_end, same_params, set_aside, stopped_run)
 from host import cpu_model  # noqa: E402  (bench/host.py, beside this script)
 from kill_chain import run_chain  # noqa: E402
 
@@ -42,6 +49,15 @@ OTHER_FAULTS = {       # tests of the rest of the suite that inject a fault into
     "test_an_injected_nan_stops_the_run_with_the_last_good_checkpoint": "NaN loss, no skips allowed",
     "test_skip_nonfinite_steps_skips_the_bad_update_and_trains_on": "NaN loss, 1 skip allowed",
     "test_a_diverging_run_skips_n_bad_steps_then_stops": "inf/NaN from divergence (lr 1e30), 2 skips allowed",
+    **{f"test_damaged_checkpoints_are_set_aside_and_the_run_ends_as_an_uninterrupted_one[{kind}]":
+       f"{kind}: flipped, truncated and deleted in three checkpoints at once" for kind in FILE_KINDS},
+    "test_no_intact_checkpoint_is_a_one_line_error_every_time": "every checkpoint damaged",
+    "test_a_save_cut_short_before_its_manifest_is_incomplete_never_used": "kill while the manifest is written",
+    "test_retention_keeps_the_newest_intact_checkpoint_past_damaged_ones": "retention past damaged checkpoints",
+    "test_tools_refuse_a_damaged_checkpoint_in_one_line": "export / load_model / verify on damaged checkpoints",
+    "test_a_second_trainer_is_refused_and_a_dead_ones_lock_taken_over": "two trainers; a dead trainer's lock",
+    "test_model_drift_on_the_command_line_is_one_line": "resume with a changed model or merge method",
+    "test_a_nonfinite_loss_right_after_a_restore_names_the_verify_command": "NaN one step after a restore",
 }
 
 
@@ -69,12 +85,15 @@ def split_into_chains(counts: dict[str, int]) -> list[dict[str, int]]:
     return [{kind: count // n + (i < count % n) for kind, count in counts.items()} for i in range(n)]
 
 
-def kill_trials(work: Path, cache: Path, kills: int, seed: int) -> dict:
-    start = time.perf_counter()
+def reference_run(work: Path, cache: Path) -> dict:
     reference_dir = work / "reference"
-    reference_run = run_to_end(reference_dir, cache, "train.save_every=0")
-    assert reference_run.process.returncode == 0, reference_run.stderr[-3000:]
-    reference = {"losses": reference_losses(reference_dir), "params": final_params(reference_dir)}
+    run = run_to_end(reference_dir, cache, "train.save_every=0")
+    assert run.process.returncode == 0, run.stderr[-3000:]
+    return {"losses": reference_losses(reference_dir), "params": final_params(reference_dir)}
+
+
+def kill_trials(work: Path, cache: Path, kills: int, seed: int, reference: dict) -> dict:
+    start = time.perf_counter()
     chains = []
     for i, counts in enumerate(split_into_chains(trial_counts(kills))):
         chain = run_chain(work / f"chain{i}", cache, counts, seed + i, reference)
@@ -103,6 +122,40 @@ def kill_trials(work: Path, cache: Path, kills: int, seed: int) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "per_chain": chains,
     }
+
+
+def damage_trials(work: Path, cache: Path, reference: dict) -> dict:
+    """Each kind of checkpoint file x each fault, in the newest checkpoint of a copy of one stopped run."""
+    start = time.perf_counter()
+    stopped = stopped_run(work / "stopped", cache)
+    newest = DAMAGED_STEPS[0]
+    trials = []
+    for kind, find in FILE_KINDS.items():
+        for fault in FAULTS:
+            run_dir = work / f"damaged-{kind.replace(' ', '_')}-{fault}"
+            shutil.copytree(stopped, run_dir)
+            damage(find(run_dir / "checkpoints" / str(newest)), fault)
+            records = len(loss_records(run_dir))
+            resumed = run_to_end(run_dir, cache, "train.save_every=0")
+            notes = [line for line in resumed.lines if "set aside" in line]
+            expected = [(s, reference["losses"][s]) for s in range(newest, STEPS + 1)]
+            trial = {"file": kind, "fault": fault, "exit_code": resumed.process.returncode,
+                     "resumed_from": resumed.start_step(), "set_aside": set_aside(run_dir),
+                     "note": notes[0] if notes else None, "one_line": len(notes) == 1,
+                     "losses_bit_exact": loss_records(run_dir)[records:] == expected,
+                     "final_weights_bit_exact": same_params(final_params(run_dir), reference["params"])}
+            trial["ok"] = (trial["exit_code"] == 0 and trial["resumed_from"] == newest - 1 and trial["one_line"]
+                           and trial["set_aside"] == [f"{newest}.damaged"] and trial["losses_bit_exact"]
+                           and trial["final_weights_bit_exact"])
+            trials.append(trial)
+            print(f"damaged {kind} ({fault}): {'ok' if trial['ok'] else 'FAILED'}", file=sys.stderr, flush=True)
+            shutil.rmtree(run_dir)
+    return {"injected": len(trials), "detected_and_set_aside": sum(t["set_aside"] == [f"{newest}.damaged"]
+                                                                   for t in trials),
+            "resumed_from_the_newest_intact": sum(t["resumed_from"] == newest - 1 for t in trials),
+            "runs_ending_bit_exact": sum(t["losses_bit_exact"] and t["final_weights_bit_exact"] for t in trials),
+            "all_ok": all(t["ok"] for t in trials), "seconds": round(time.perf_counter() - start, 1),
+            "trials": trials}
 
 
 def property_tests() -> int:
@@ -166,15 +219,19 @@ def main(argv=None) -> int:
                   "what": "faults injected into CPU training runs (configs/tiny.yaml, fp32, async checkpoints) and "
                           "hostile inputs; every check of tests/reliability applied to each",
                   "command": "python bench/reliability.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "machine": machine(), "versions": versions(),
-                  "kill_and_sigterm": kill_trials(work, cache, args.trials, args.seed)}
+                  "machine": machine(), "versions": versions()}
+        reference = reference_run(work, cache)
+        report["kill_and_sigterm"] = kill_trials(work, cache, args.trials, args.seed, reference)
+        report["damaged_checkpoints"] = damage_trials(work, cache, reference)
         if not args.skip_suite:
             report["suite"] = rest_of_suite(work)
     trials = {k: v for k, v in report["kill_and_sigterm"].items() if k != "per_chain"}
-    print(json.dumps({**report, "kill_and_sigterm": trials}, indent=2))
+    damaged = {k: v for k, v in report["damaged_checkpoints"].items() if k != "trials"}
+    print(json.dumps({**report, "kill_and_sigterm": trials, "damaged_checkpoints": damaged}, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    ok = not report["kill_and_sigterm"]["problems"] and report.get("suite", {}).get("exit_code", 0) == 0
+    ok = (not report["kill_and_sigterm"]["problems"] and report["damaged_checkpoints"]["all_ok"]
+          and report.get("suite", {}).get("exit_code", 0) == 0)
     return 0 if ok else 1
 
 

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import STEPS, complete_steps, final_params, reference_losses, run_to_end
-
-INTACT_STEP = 54                 # the stopped run's oldest checkpoint: the tests damage the newer ones
-DAMAGED_STEPS = (57, 56, 55)     # flipped, truncated, deleted (harness.FAULTS, in order)
+from harness import STEPS, final_params, reference_losses, run_to_end, stopped_run
 
 
 def shared_dir(tmp_path_factory) -> Path:
@@ -54,19 +51,9 @@ def reference(tmp_path_factory, cache_dir):
 
 @pytest.fixture(scope="session")
 def stopped(tmp_path_factory, cache_dir):
-    """A run stopped (SIGTERM) at step 57 with the checkpoints of steps 54 to 57 (each xdist worker makes its own;
-    tests work on copies)."""
-    run_dir = tmp_path_factory.mktemp("stopped") / "run"
-    first = run_to_end(run_dir, cache_dir, "train.save_every=0", f"train.inject_sigterm_at_step={INTACT_STEP}")
-    assert first.process.returncode == 75, first.stderr[-3000:]
-    second = run_to_end(run_dir, cache_dir, "train.keep_last=4", f"train.inject_sigterm_at_step={DAMAGED_STEPS[0]}")
-    assert second.process.returncode == 75, second.stderr[-3000:]
-    # the changes of the second start are harmless ones: applied and listed in one line
-    changes = [line for line in second.lines if line.startswith("resuming with changed ")]
-    assert len(changes) == 1 and "train.save_every (0 -> 1)" in changes[0] and "train.keep_last (3 -> 4)" in \
-        changes[0], second.stderr[-3000:]
-    assert complete_steps(run_dir) == [INTACT_STEP, *sorted(DAMAGED_STEPS)]
-    return run_dir
+    """A run stopped at step 57 with the checkpoints of steps 54 to 57 (harness.stopped_run; each xdist worker
+    makes its own). Tests work on copies."""
+    return stopped_run(tmp_path_factory.mktemp("stopped") / "run", cache_dir)
 
 
 def copy_of(stopped: Path, tmp_path: Path) -> Path:

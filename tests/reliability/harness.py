@@ -184,6 +184,29 @@ def set_aside(run_dir: Path) -> list[str]:
 # Damaged checkpoints: one file of a kind, flipped, truncated or deleted
 # ----------------------------------------------------------------------------------------------
 
+INTACT_STEP = 54                 # the stopped run's oldest checkpoint: the fault cases damage the newer ones
+DAMAGED_STEPS = (57, 56, 55)     # flipped, truncated, deleted (FAULTS, in order)
+
+
+def stopped_run(run_dir: Path, cache_dir: Path) -> Path:
+    """A run stopped (SIGTERM) at step 57 with the checkpoints of steps 54 to 57: 54 steps without saves, then
+    three with a save after each (keep_last 4)."""
+    first = run_to_end(run_dir, cache_dir, "train.save_every=0", f"train.inject_sigterm_at_step={INTACT_STEP}")
+    assert first.process.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    second = run_to_end(run_dir, cache_dir, "train.keep_last=4", f"train.inject_sigterm_at_step={DAMAGED_STEPS[0]}")
+    assert second.process.returncode == EXIT_PREEMPTED, second.stderr[-3000:]
+    # the changes of the second start are harmless ones: applied and listed in one line
+    changes = [line for line in second.lines if line.startswith("resuming with changed ")]
+    assert len(changes) == 1 and "train.save_every (0 -> 1)" in changes[0] and "train.keep_last (3 -> 4)" in \
+        changes[0], second.stderr[-3000:]
+    assert complete_steps(run_dir) == [INTACT_STEP, *sorted(DAMAGED_STEPS)]
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Damage
+# ----------------------------------------------------------------------------------------------
+
 FILE_KINDS = {   # kind of checkpoint file: how to find it in a step directory
     "parameters": lambda step_dir: largest(step_dir / "params"),
     "optimizer state": lambda step_dir: largest(step_dir / "opt_state"),

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from conftest import DAMAGED_STEPS, INTACT_STEP, copy_of, step_dir
-from harness import (FAULTS, FILE_KINDS, MANIFEST, STEPS, TINY, TRIAL_OVERRIDES, complete_steps, damage,
-                     final_params, loss_records, run_to_end, same_params, set_aside)
+from conftest import copy_of, step_dir
+from harness import (DAMAGED_STEPS, FAULTS, FILE_KINDS, INTACT_STEP, MANIFEST, STEPS, TINY, TRIAL_OVERRIDES,
+                     complete_steps, damage, final_params, loss_records, run_to_end, same_params, set_aside)
 from jax_controlllm.checkpoint import RunCheckpoints, load_model
 from jax_controlllm.checksums import CheckpointDamagedError, verify
 
