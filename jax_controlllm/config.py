@@ -262,7 +262,8 @@ def _unwrap_optional(tp):
 
 def _coerce(value, tp, where: str):
     """Coerce a YAML/CLI value to the annotated field type, or raise a ConfigError naming the field."""
-    optional = _unwrap_optional(tp) is not tp
+    # Optional[X] and Optional[Union[X, Y]] (= Union[X, Y, None]) both accept null
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
     tp = _unwrap_optional(tp)
     if tp is Any or (value is None and optional):
         return value

@@ -37,3 +37,11 @@ def test_validation_names_the_field():
         load_config(data={"model": {"num_attention_heads": 6, "num_key_value_heads": 4}})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
+
+
+def test_null_is_accepted_for_an_optional_union_field():
+    """expansion.layers is Optional[Union[list, str]]: every checkpoint's model config holds ``layers: null``, and
+    a resume reads it back."""
+    from jax_controlllm.config import ExpansionConfig, from_dict
+    assert from_dict(ExpansionConfig, {"layers": None}).layers is None
+    assert from_dict(ExpansionConfig, {"layers": "auto"}).layers == "auto"
