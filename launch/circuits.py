@@ -1,11 +1,13 @@
 """Knowledge circuits across training checkpoints, and the synthetic knowledge corpus they are studied on.
 
     python -m launch.circuits CKPT [CKPT ...] --entities DATA/entities.jsonl --out OUT [--attribute city]
-        [--top-n 200] [--method EAP-IG] [--ig-steps 5] [--batch-size 16] [--max-pairs 64] [--kind new]
+        [--top-n 0.1] [--curve 0.01,0.05,0.1] [--method EAP-IG] [--ig-steps 5] [--batch-size 16]
+        [--max-pairs 64] [--kind new]
     python -m launch.circuits corpus --out DATA [--n-new 40] [--n-revised 10] [--seed 0]
 
 CKPT: Hugging Face directories (e.g. exported with save_hf), Orbax run directories (every saved step is a
-checkpoint), step directories or exports, oldest first. The prompt pairs are built from the entities file
+checkpoint), step directories or exports of any model the trainer makes, a .gguf file or ``smollm2`` (the
+base model), oldest first. The prompt pairs are built from the entities file
 (written by the ``corpus`` command next to corpus.jsonl and probes.jsonl) with the first checkpoint's
 tokenizer (or --tokenizer). Writes OUT/evolution.json, OUT/pairs.json and PNG plots (see
 jax_controlllm/circuits/plots.py); docs/circuits.md explains every number.
@@ -17,7 +19,23 @@ import json
 import sys
 from pathlib import Path
 
+from jax_controlllm.circuits.evolution import DEFAULT_CURVE, DEFAULT_TOP_N
 from jax_controlllm.config import ConfigError
+
+
+def circuit_size(text: str):
+    """'5000' -> 5000 edges; '0.1' or '10%' -> that fraction of the graph's edges."""
+    text = text.strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of edges (5000) nor a fraction of the "
+                                         f"graph's edges (0.1 or 10%)") from None
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value.is_integer() and not text.endswith("%"):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of edges >= 1 or a fraction in (0, 1)")
 
 
 def parse_evolve_args(argv) -> argparse.Namespace:
@@ -31,8 +49,13 @@ def parse_evolve_args(argv) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the first checkpoint's)")
     p.add_argument("--bos-id", type=int, help="token id prepended to every prompt (default: config bos_token_id; "
                                               "-1 for none)")
-    p.add_argument("--max-pairs", type=int, default=64, help="at most this many prompt pairs")
-    p.add_argument("--top-n", type=int, default=200, help="edges kept before pruning")
+    p.add_argument("--max-pairs", type=int, default=64, help="at most this many prompt pairs (acquisition is "
+                                                             "measured on every entity's query)")
+    p.add_argument("--top-n", type=circuit_size, default=DEFAULT_TOP_N,
+                   help="edges kept before pruning: a count (5000) or a fraction of the graph's edges (0.1 or 10%%)")
+    p.add_argument("--curve", type=lambda text: [circuit_size(x) for x in text.split(",")],
+                   default=list(DEFAULT_CURVE), help="circuit sizes of the faithfulness / Hit@k size curve, "
+                                                     "comma-separated counts or fractions")
     p.add_argument("--method", choices=["EAP", "EAP-IG"], default="EAP-IG")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=16)
@@ -55,9 +78,13 @@ def parse_corpus_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path):
+    """A tokenizer file, a tokenizer/HF directory, a training run directory (its tokenizer/), a .gguf file or
+    ``smollm2`` (the base model's)."""
+    if str(path) == "smollm2" or str(path).endswith(".gguf"):
+        from jax_controlllm.generate import load_tokenizer as gguf_tokenizer
+        return gguf_tokenizer(path)
     path = Path(path)
-    # a file, a tokenizer/HF directory, or a training run directory (which keeps its tokenizer in tokenizer/)
     candidates = [path] if not path.is_dir() else [path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"]
     file = next((c for c in candidates if c.is_file()), candidates[0])
     if file.is_file():
@@ -86,26 +113,29 @@ def evolve_command(argv) -> int:
     args = parse_evolve_args(argv)
     refs = checkpoint_refs(args.checkpoints, args.dtype)
     entities = [e for e in load_entities(args.entities) if args.kind in ("all", e.kind)]
-    tokenizer_path = args.tokenizer or args.checkpoints[0]
-    tokenizer = load_tokenizer(Path(tokenizer_path))
-    settings = EvolutionSettings(top_n=args.top_n, method=args.method, ig_steps=args.ig_steps,
-                                 batch_size=args.batch_size, hit_k=args.hit_k, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoints[0])
+    settings = EvolutionSettings(top_n=args.top_n, curve=tuple(args.curve), method=args.method,
+                                 ig_steps=args.ig_steps, batch_size=args.batch_size, hit_k=args.hit_k,
+                                 dtype=args.dtype)
     cache = {}
 
-    def pairs_for(config):
-        """Built once, from the first checkpoint's config (BOS id) and the tokenizer."""
-        if "pairs" not in cache:
+    def probes_for(config):
+        """Every entity's query, paired; built once, from the first checkpoint's config (BOS id)."""
+        if "probes" not in cache:
             bos = config.bos_token_id if args.bos_id is None else (None if args.bos_id < 0 else args.bos_id)
-            cache["pairs"] = make_prompt_pairs(entities, args.attribute, tokenizer, bos_id=bos,
-                                               pad_id=config.pad_token_id or 0, seed=args.seed,
-                                               max_pairs=args.max_pairs)
-        return cache["pairs"]
+            cache["probes"] = make_prompt_pairs(entities, args.attribute, tokenizer, bos_id=bos,
+                                                pad_id=config.pad_token_id or 0, seed=args.seed)
+        return cache["probes"]
 
-    evolution = analyze_evolution(refs, pairs_for, settings, progress=lambda m: print(m, flush=True))
+    def pairs_for(config):
+        return probes_for(config).head(args.max_pairs)
+
+    evolution = analyze_evolution(refs, pairs_for, settings, progress=lambda m: print(m, flush=True),
+                                  probes=probes_for)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evolution.json").write_text(json.dumps(evolution.to_dict(), indent=1))
-    pairs = cache["pairs"]
+    pairs = cache["probes"].head(args.max_pairs)
     (out / "pairs.json").write_text(json.dumps({
         "attribute": args.attribute, "clean": [q.prompt for q in pairs.clean],
         "corrupted": [q.prompt for q in pairs.corrupted], "clean_answer": [q.answer for q in pairs.clean],

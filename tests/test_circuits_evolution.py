@@ -2,6 +2,7 @@
 saved as Hugging Face checkpoints, analysed by ``python -m launch.circuits``."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from jax_controlllm.circuits.evolution import jaccard, layer_activation_ratio, phase_change
-from jax_controlllm.circuits.circuit import circuit_from_edges
+from jax_controlllm.circuits.circuit import circuit_from_edges, edge_count
 from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.knowledge import (BOS_ID, CorpusConfig, EntityConfig, build_knowledge_dataset,
@@ -65,7 +66,8 @@ def test_launch_circuits_end_to_end(tmp_path):
     data, dirs = _train_and_save(tmp_path)
     out = tmp_path / "circuits"
     code = main([str(d) for d in dirs] + ["--entities", str(data["entities"]), "--out", str(out), "--top-n", "40",
-                                          "--ig-steps", "2", "--max-pairs", "12", "--batch-size", "8"])
+                                          "--curve", "0.05,20%,60", "--ig-steps", "2", "--max-pairs", "12",
+                                          "--batch-size", "8"])
     assert code == 0
     result = json.loads((out / "evolution.json").read_text())
     cps = result["checkpoints"]
@@ -75,14 +77,35 @@ def test_launch_circuits_end_to_end(tmp_path):
     for c in cps:
         assert len(c["layer_activation_ratio"]) == 3 and len(c["lens_probability"]) == 2
         assert c["n_edges"] <= 40 and np.isfinite(c["faithfulness"])
+        assert c["circuit_fraction"] == c["n_edges"] / c["graph_edges"] and c["n_pairs"] <= 12
+        graph_edges = c["graph_edges"]
+        assert [p["requested"] for p in c["size_curve"]] == sorted({round(0.05 * graph_edges), 40, 60,
+                                                                    round(0.2 * graph_edges)})
+        at_40 = next(p for p in c["size_curve"] if p["requested"] == 40)
+        assert (at_40["faithfulness"], at_40["hit_at_k"]) == (c["faithfulness"], c["hit_at_k"])
+        assert sum(kind["n"] for kind in c["acquisition"].values()) >= c["n_pairs"]
+        assert c["attribution_prompts_per_s"] > 0
         assert set(h["class"] for h in c["head_classes"].values()) <= {"mover", "relation", "mixture"}
         assert all(name.startswith("a") for name in c["head_classes"])
-    for name in ("layer_activation", "logit_lens", "metrics", "head_classes"):
+    for name in ("layer_activation", "logit_lens", "metrics", "head_classes", "size_curve", "acquisition"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = json.loads((out / "pairs.json").read_text())
     assert all(a != b for a, b in zip(pairs["clean_label"], pairs["corrupted_label"]))
     assert main(["corpus", "--out", str(tmp_path / "again"), "--n-new", "3", "--n-revised", "1"]) == 0
+
+
+def test_circuit_sizes_are_counts_or_fractions_of_the_graph():
+    from launch.circuits import circuit_size
+
+    assert (circuit_size("5000"), circuit_size("0.1"), circuit_size("10%")) == (5000, 0.1, 0.1)
+    for bad in ("0", "1.5", "150%", "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            circuit_size(bad)
+    graph = Graph(2, ("llama", "llama"))
+    assert edge_count(graph, 0.1) == round(0.1 * graph.n_edges) and edge_count(graph, 7) == 7
+    with pytest.raises(ValueError, match="fraction"):
+        edge_count(graph, 1.5)
 
 
 def test_cli_reports_bad_checkpoints(tmp_path, capsys):
@@ -146,4 +169,5 @@ def test_evolution_from_a_plain_to_a_control_llm_checkpoint(tmp_path):
     assert any(n.startswith("a1e.") or n == "m1e" for n in final.nodes)
     assert 0 <= evolution.edge_jaccard[0] < 1 and evolution.edge_jaccard[1] == 1
     assert len(final.layer_activation_ratio) == 3
-    assert set(plot_evolution(evolution, tmp_path)) == {"layer_activation", "logit_lens", "metrics", "head_classes"}
+    assert set(plot_evolution(evolution, tmp_path)) == {"layer_activation", "logit_lens", "metrics", "head_classes",
+                                                        "size_curve"}

@@ -1,5 +1,6 @@
 """Where the checkpoints of an evolution study come from: Hugging Face directories, our Orbax runs
-(every saved step of a run directory, a single step directory or an export), or (config, params) pairs.
+(every saved step of a run directory, a single step directory or an export), a GGUF file or ``smollm2``
+(a base model), or (config, params) pairs.
 Checkpoints are loaded lazily, one at a time, so a long series never holds more than one model."""
 from __future__ import annotations
 
@@ -56,7 +57,17 @@ def checkpoint_refs(items: Iterable, dtype: str = "float32") -> list[CheckpointR
     return refs
 
 
+def _base_ref(source: str, dtype: str) -> CheckpointRef:
+    """A GGUF file or ``smollm2`` (the bundled base model): the start of a continual pre-training run."""
+    def load():
+        from jax_controlllm.convert.auto import load_pretrained
+        return load_pretrained(source, format="smollm2" if source == "smollm2" else "gguf", dtype=dtype)
+    return CheckpointRef(Path(source).stem if source != "smollm2" else "base", load)
+
+
 def _path_refs(path: Path, dtype: str) -> list[CheckpointRef]:
+    if str(path) == "smollm2" or (path.suffix == ".gguf" and path.is_file()):
+        return [_base_ref(str(path), dtype)]
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):

@@ -109,11 +109,23 @@ def touched_nodes(graph: Graph, edges: np.ndarray) -> np.ndarray:
     return nodes
 
 
-def top_n_circuit(scores, n: int, absolute: bool = True, prune: bool = True) -> Circuit:
+def edge_count(graph: Graph, size) -> int:
+    """A circuit size as a number of edges: an int is a count, a float in (0, 1) a fraction of the graph's
+    edges (as the knowledge-circuits paper sizes its circuits: 6.7-25% of the edges)."""
+    if isinstance(size, (float, np.floating)) and not float(size).is_integer():
+        if not 0 < size < 1:
+            raise ValueError(f"a circuit size given as a fraction of the edges must lie in (0, 1), got {size}")
+        return max(1, int(round(float(size) * graph.n_edges)))
+    if size < 0:
+        raise ValueError(f"n must be non-negative, got {size}")
+    return int(size)
+
+
+def top_n_circuit(scores, n, absolute: bool = True, prune: bool = True) -> Circuit:
     """The top ``n`` edges by |score| (``absolute=False``: by signed score), then dead-node pruning.
-    ``scores``: a ``Scores`` from ``attribute`` (or anything with ``graph`` and ``matrix``)."""
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+    ``n``: a count, or a fraction of the graph's edges (``edge_count``). ``scores``: a ``Scores`` from
+    ``attribute`` (or anything with ``graph`` and ``matrix``)."""
+    n = edge_count(scores.graph, n)
     graph, matrix = scores.graph, np.asarray(scores.matrix, np.float32)
     src, dst = rank_edges(graph, matrix, absolute)
     edges = np.zeros(graph.valid.shape, bool)

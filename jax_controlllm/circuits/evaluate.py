@@ -71,6 +71,64 @@ def label_ranks(config: ModelConfig, weights: dict, ids, keep, label, last, abla
     return jnp.sum(logits > target, axis=1)
 
 
+@partial(jax.jit, static_argnames=("config",))
+def size_curve_step(config: ModelConfig, weights: dict, clean_ids, corrupted_ids, keeps, labels, last):
+    """For a stack of circuits ``keeps`` [C, n_src, n_dst]: (patched LD [C, B], rank of the clean label with
+    edges outside each circuit zero-ablated [C, B], clean LD [B], corrupted LD [B], the model's rank [B]).
+    The clean and corrupted runs are computed once for all circuits."""
+    graph = model_graph(config)
+    clean = plain_run(config, weights, clean_ids)
+    corrupted = plain_run(config, weights, corrupted_ids, clean.merges)
+    embeds = embed(config, weights, clean_ids)
+
+    def rank(resid):
+        logits = final_logits(config, weights, last_position(resid, last))
+        return jnp.sum(logits > jnp.take_along_axis(logits, labels[:, :1], axis=1), axis=1)
+
+    def one(keep):
+        patched = run(config, weights, embeds, PatchReader(graph, keep, corrupted), clean.merges)
+        ablated = run(config, weights, embeds, PatchReader(graph, keep, None), clean.merges)
+        return logit_difference(config, weights, last_position(patched.resid, last), labels), rank(ablated.resid)
+
+    lds, ranks = jax.lax.map(one, keeps)
+    ld = [logit_difference(config, weights, last_position(r.resid, last), labels) for r in (clean, corrupted)]
+    return lds, ranks, ld[0], ld[1], rank(clean.resid)
+
+
+def size_curve(config, params, circuits: list, clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids,
+               lengths=None, k: int = 10, batch_size: int = 16, dtype: str = "float32") -> dict:
+    """Faithfulness and Hit@k of each circuit (e.g. the top-n circuits of a range of sizes) and the model's
+    Hit@k, on the same prompts: {"faithfulness": [C], "hit_at_k": [C] (None for an empty circuit),
+    "model_hit_at_k", "metric_clean", "metric_corrupted", "model_ranks": [N]}."""
+    model = circuit_model(config, params, dtype)
+    for circuit in circuits:
+        _check_graph(model.graph, circuit)
+    prompts = prepare(clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids, lengths,
+                      model.config.vocab_size)
+    keeps = jnp.asarray(np.stack([c.edge_mask for c in circuits]), jnp.float32)
+    n = prompts.n_items
+    lds, ranks = np.zeros((len(circuits), n)), np.zeros((len(circuits), n), np.int64)
+    clean, corrupted, model_ranks = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    with matmul_precision(dtype):
+        results = [(chunk["items"], size_curve_step(model.config, model.weights, chunk["clean"], chunk["corrupted"],
+                                                    keeps, chunk["labels"], chunk["last"]))
+                   for chunk in chunks(prompts, np.ones(n), batch_size)]
+    for items, (ld, rank, ld_clean, ld_corrupted, model_rank) in results:
+        m = len(items)
+        lds[:, items], ranks[:, items] = np.asarray(ld)[:, :m], np.asarray(rank)[:, :m]
+        clean[items], corrupted[items] = np.asarray(ld_clean)[:m], np.asarray(ld_corrupted)[:m]
+        model_ranks[items] = np.asarray(model_rank)[:m]
+    denominator = clean.mean() - corrupted.mean()
+    if denominator == 0:
+        raise ValueError("faithfulness is undefined: the clean and corrupted prompts give the same mean logit "
+                         "difference; check that the corrupted prompts and labels differ from the clean ones")
+    faith = [0.0 if c.is_empty else float((ld.mean() - corrupted.mean()) / denominator) for c, ld in zip(circuits, lds)]
+    hits = [None if c.is_empty else float(np.mean(r < k)) for c, r in zip(circuits, ranks)]
+    return {"faithfulness": faith, "hit_at_k": hits, "model_hit_at_k": float(np.mean(model_ranks < k)),
+            "metric_clean": float(clean.mean()), "metric_corrupted": float(corrupted.mean()),
+            "model_ranks": model_ranks}
+
+
 def evaluate_circuit(config, params, circuit: Circuit, clean_ids, corrupted_ids, clean_label_ids,
                      corrupted_label_ids, lengths=None, batch_size: int = 16, dtype: str = "float32",
                      pad_multiple: int = 8) -> CircuitEvaluation:

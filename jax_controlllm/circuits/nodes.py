@@ -83,10 +83,12 @@ def circuit_model(config: ModelConfig, params, dtype: str = "float32") -> Circui
         return params
     if any(str(k).startswith("model.") for k in params):
         params = from_hf_tensors(config, params)
-    config = dataclasses.replace(config, compute_dtype=dtype, attention_impl="xla", remat="none")
     cast = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     weights = {k: v for k, v in cast.items() if k != "layers"}
-    weights["blocks"] = unstack_blocks(config, cast)
+    weights["blocks"] = unstack_blocks(config, cast)          # the stacked layout follows the trained config
+    # one static config for every checkpoint of a run (training-only fields cleared): compiled once
+    config = dataclasses.replace(config, param_dtype=dtype, frozen_dtype=dtype, compute_dtype=dtype,
+                                 attention_impl="xla", remat="none", trainable_layers=None, train_embeddings=False)
     return CircuitModel(config, weights)
 
 

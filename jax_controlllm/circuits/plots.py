@@ -5,6 +5,8 @@
     metrics.png            curves: faithfulness, Hit@k (circuit, model), node/edge Jaccard with the final
                            circuit, edge entropy; the phase change marked with a vertical line
     head_classes.png       stacked bars: mover / relation / mixture heads in each checkpoint's circuit
+    size_curve.png         faithfulness and Hit@k against circuit size (fraction of edges), a curve per checkpoint
+    acquisition.png        per knowledge type: the full model's hit@1 and Hit@k on the probes (if measured)
 """
 from __future__ import annotations
 
@@ -90,4 +92,56 @@ def plot_evolution(evolution: Evolution, out_dir) -> dict[str, Path]:
     paths["head_classes"] = out_dir / "head_classes.png"
     fig.savefig(paths["head_classes"], dpi=120)
     plt.close(fig)
+    paths["size_curve"] = plot_size_curve(plt, evolution, out_dir / "size_curve.png")
+    if any(c.acquisition for c in cps):
+        paths["acquisition"] = plot_acquisition(plt, evolution, out_dir / "acquisition.png")
     return paths
+
+
+def plot_size_curve(plt, evolution: Evolution, path: Path) -> Path:
+    """Faithfulness and Hit@k of the top-n circuit against its size, one curve per checkpoint: the smallest
+    faithful circuit is where a curve reaches 1."""
+    k = evolution.settings.hit_k
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(evolution.checkpoints)))
+    for c, color in zip(evolution.checkpoints, colors):
+        x = [100 * p["fraction"] for p in c.size_curve]
+        left.plot(x, [p["faithfulness"] for p in c.size_curve], "o-", color=color, label=c.name)
+        right.plot(x, [np.nan if p["hit_at_k"] is None else p["hit_at_k"] for p in c.size_curve], "o-",
+                   color=color, label=c.name)
+        right.axhline(c.model_hit_at_k, color=color, linestyle=":", linewidth=1)
+    for ax, label in ((left, "faithfulness"), (right, f"Hit@{k} (circuit; dotted: whole model)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("circuit size (% of the graph's edges, after pruning)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_acquisition(plt, evolution: Evolution, path: Path) -> Path:
+    cps = evolution.checkpoints
+    k = evolution.settings.hit_k
+    kinds = sorted({kind for c in cps for kind in c.acquisition})
+    x = np.arange(len(cps))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(cps) + 3), 3.8))
+    for kind, color in zip(kinds, ("tab:blue", "tab:orange", "tab:green")):
+        n = max(c.acquisition.get(kind, {}).get("n", 0) for c in cps)
+        ax.plot(x, [c.acquisition.get(kind, {}).get("hit@1", np.nan) for c in cps], "o-", color=color,
+                label=f"{kind} (n={n}): top-1")
+        ax.plot(x, [c.acquisition.get(kind, {}).get(f"hit@{k}", np.nan) for c in cps], "s--", color=color,
+                label=f"{kind}: top-{k}")
+    ax.set_xticks(x, [c.name for c in cps], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("answer's first token ranked")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("acquisition per knowledge type")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

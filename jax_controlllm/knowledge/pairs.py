@@ -43,6 +43,12 @@ class PromptPairs:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def head(self, n: Optional[int]) -> "PromptPairs":
+        """The first n pairs (all for None)."""
+        return PromptPairs(self.clean_ids[:n], self.corrupted_ids[:n], self.clean_label_ids[:n],
+                           self.corrupted_label_ids[:n], self.lengths[:n], self.subject_spans[:n], self.clean[:n],
+                           self.corrupted[:n])
+
     def args(self) -> tuple:
         """(clean_ids, corrupted_ids, clean_label_ids, corrupted_label_ids, lengths) for attribute()/faithfulness()."""
         return self.clean_ids, self.corrupted_ids, self.clean_label_ids, self.corrupted_label_ids, self.lengths
