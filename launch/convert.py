@@ -12,7 +12,6 @@ reports success; a merge-back also reports how far the merged model drifts from 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,6 @@ from typing import Optional
 
 from launch.generate import one_line_errors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
 class ExportError(ValueError):
@@ -59,12 +56,12 @@ def _check_out(out: str, overwrite: bool) -> Path:
     return path
 
 
-def _kind_of(path: str) -> str:
+def _kind_of(path: str, flag: str) -> str:
     """hf | gguf | smollm2 | orbax, or "unknown" for a directory that is none of them at first sight."""
     from jax_controlllm.config import ConfigError
     from jax_controlllm.convert.auto import detect_format
     try:
-        return detect_format(path)
+        return detect_format(path, flag)
     except ConfigError:
         if Path(path).is_dir():
             return "unknown"
@@ -73,7 +70,7 @@ def _kind_of(path: str) -> str:
 
 def _require_kind(path: str, flag: str, wanted: str) -> None:
     """A clear error when the input is another kind of model than the command converts."""
-    kind = _kind_of(path)
+    kind = _kind_of(path, flag)
     if kind == wanted or (wanted == "gguf" and kind == "smollm2") or (wanted == "orbax" and kind == "unknown"):
         return   # a step directory looks "unknown" here; load_model says precisely what is missing
     names = {"hf": "a Hugging Face directory", "gguf": "a GGUF file", "smollm2": "the bundled SmolLM2 GGUF",
@@ -120,24 +117,6 @@ def _check_logits(gap: float, atol: float, out: Path, what: str) -> None:
 # Tokenizer files
 # ----------------------------------------------------------------------------------------------
 
-def copy_tokenizer(source, out: Path) -> list[str]:
-    """Write the tokenizer of ``source`` (a directory, a .gguf file or 'smollm2') into ``out``."""
-    if str(source) == "smollm2" or str(source).endswith(".gguf"):
-        from jax_controlllm.convert.gguf import smollm2_gguf_path, tokenizer_files
-        from jax_controlllm.generate import gguf_metadata
-        path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
-        files = tokenizer_files(gguf_metadata(path), path)
-        for name, text in files.items():
-            (out / name).write_text(text, encoding="utf-8")
-        return sorted(files)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, out / name)
-            copied.append(name)
-    return copied
-
-
 def _tokenizer_for(model: str, explicit: Optional[str]):
     from jax_controlllm.generate import GenerationError, tokenizer_source_for
     try:
@@ -152,6 +131,7 @@ def _write_tokenizer(model: str, explicit: Optional[str], out: Path) -> None:
         print(f"      warning: no tokenizer found in or beside {model}; the export has weights only "
               f"(pass --tokenizer DIR|FILE.gguf|smollm2 to include one)", file=sys.stderr)
         return
+    from jax_controlllm.convert.export import copy_tokenizer
     copied = copy_tokenizer(source, out)
     print(f"      tokenizer from {source}: {', '.join(copied) or 'no files'}", file=sys.stderr)
 
@@ -162,7 +142,7 @@ def _write_tokenizer(model: str, explicit: Optional[str], out: Path) -> None:
 
 def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[str] = None,
                 tokenizer: Optional[str] = None, dtype: Optional[str] = None, overwrite: bool = False,
-                atol: float = 1e-4) -> dict:
+                atol: float = 1e-4, expanded_from: Optional[str] = None) -> dict:
     """Export one of our checkpoints as a Hugging Face directory, checked against our logits. Returns a report."""
     from jax_controlllm.checkpoint import load_model
     from jax_controlllm.convert.hf import load_hf, save_hf
@@ -186,7 +166,8 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
     ids = sample_ids(config.vocab_size, config.max_position_embeddings)
     with stages("writing " + ("merged-back plain Llama" if merge_back else
                               "Control LLM release format" if controlled else "plain Llama")):
-        report.update(save_hf(config, params, out_dir, dtype=dtype, merge_back=merge_back, sample_ids=ids))
+        report.update(save_hf(config, params, out_dir, dtype=dtype, merge_back=merge_back, sample_ids=ids,
+                              expanded_from=expanded_from))
         _write_tokenizer(ckpt, tokenizer, out_dir)
     with stages("reloading the export and comparing logits"):
         reference_config, reference = config, params
@@ -270,6 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o2h.add_argument("--tokenizer", help="tokenizer to copy if none is saved with the checkpoint")
     o2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="tensor dtype (default: as stored)")
     o2h.add_argument("--atol", type=float, default=1e-4, help="allowed max |logit difference| of the check")
+    o2h.add_argument("--expanded-from", help="release format: the base model the release's loader reads the "
+                     "architecture from (a hub id or directory; default: the base's config shipped in "
+                     "OUT/base_config, named by absolute path)")
 
     h2o = sub.add_parser("hf-to-orbax", parents=[common], help="Hugging Face directory -> standalone Orbax export")
     h2o.add_argument("--hf", required=True)
@@ -283,7 +267,7 @@ def main(argv=None) -> None:
     with one_line_errors(args.traceback):
         if args.command == "orbax-to-hf":
             orbax_to_hf(args.ckpt, args.out, args.merge_back, args.format, args.tokenizer, args.dtype,
-                        args.overwrite, args.atol)
+                        args.overwrite, args.atol, args.expanded_from)
         elif args.command == "hf-to-orbax":
             hf_to_orbax(args.hf, args.out, args.overwrite)
         else:

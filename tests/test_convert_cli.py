@@ -1,6 +1,10 @@
 """``python -m launch.convert``: exports of our checkpoints load in transformers with our logits, release-format
 and merged-back exports reload with the right logits, imports round-trip, and wrong inputs fail in one line."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -76,11 +80,23 @@ def test_plain_export_loads_in_transformers_with_our_logits(tmp_path, plain, tok
     convert.main(["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out)])
     assert f"ok: wrote {out}" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (out / name).read_bytes() == (tokenizer_dir / name).read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~current_umask()   # like any new directory, not mkdtemp's 0700
     ids = sample(plain[0])
     np.testing.assert_allclose(transformers_logits(out, ids), np.asarray(forward(*plain, ids)), atol=1e-4, rtol=0)
-    assert transformers.AutoTokenizer.from_pretrained(str(out)).eos_token == "<|im_end|>"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.eos_token == "<|im_end|>"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    generated = model.generate(**tokenizer("the cat", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] >= 3
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_release_format_export_reloads_with_our_logits(tmp_path, plain):
@@ -93,6 +109,26 @@ def test_release_format_export_reloads_with_our_logits(tmp_path, plain):
     config, params = load_hf(tmp_path / "hf")
     ids = sample(config)
     np.testing.assert_allclose(np.asarray(forward(config, params, ids)), np.asarray(forward(*model, ids)), atol=1e-5)
+
+
+def test_release_format_export_names_a_base_config_that_resolves_offline_from_anywhere(tmp_path, plain):
+    """The release's loader runs AutoConfig.from_pretrained(expansion.expanded_from) before loading the weights."""
+    ckpt = checkpoint(tmp_path, expanded(plain, "slerp"))
+    convert.main(["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")])
+    expanded_from = json.loads((tmp_path / "hf" / "config.json").read_text())["expansion"]["expanded_from"]
+    assert Path(expanded_from).is_absolute() and Path(expanded_from).parent == (tmp_path / "hf").resolve()
+    (tmp_path / "elsewhere").mkdir()
+    code = ("import sys, transformers; c = transformers.AutoConfig.from_pretrained(sys.argv[1]); "
+            "print(c.model_type, c.num_hidden_layers, c.hidden_size)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code, expanded_from], cwd=tmp_path / "elsewhere", env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["llama", str(plain[0].num_hidden_layers), str(plain[0].hidden_size)]
+    convert.main(["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hub"),
+                  "--expanded-from", "someone/base-model"])
+    hub = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert hub["expansion"]["expanded_from"] == "someone/base-model" and not (tmp_path / "hub" / "base_config").exists()
 
 
 @pytest.mark.parametrize("method", ["lerp", "dlerp"])
@@ -128,10 +164,11 @@ def test_bfloat16_export_is_checked_against_rounded_weights(tmp_path, plain):
 
 def test_hf_to_orbax_round_trip(tmp_path, plain, tokenizer_dir, capsys):
     from jax_controlllm.checkpoint import load_model
+    from jax_controlllm.convert.export import copy_tokenizer
     from jax_controlllm.generate import find_tokenizer_dir
 
     save_hf(*plain, tmp_path / "hf")
-    convert.copy_tokenizer(tokenizer_dir, tmp_path / "hf")
+    copy_tokenizer(tokenizer_dir, tmp_path / "hf")
     convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "orbax")])
     assert "ok: wrote" in capsys.readouterr().out
     config, params = load_model(tmp_path / "orbax")
@@ -170,7 +207,7 @@ def test_wrong_kind_of_input(tmp_path, plain, capsys):
     line = fails(capsys, "gguf-to-hf", "--gguf", str(tmp_path / "hf"), "--out", str(tmp_path / "o"))
     assert "hf-to-orbax" in line
     line = fails(capsys, "orbax-to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
-    assert "does not exist" in line
+    assert line.startswith("error: --ckpt") and "does not exist" in line and "base.path" not in line
     (tmp_path / "empty").mkdir()
     line = fails(capsys, "orbax-to-hf", "--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert "not a checkpoint" in line
@@ -216,3 +253,13 @@ def test_training_run_step_directory_exports_and_generates(tmp_path, plain, toke
     assert generate_text(config, params, tokenizer, ["The quick"], max_new_tokens=3)[0].tokens
     report = convert.orbax_to_hf(str(step), str(tmp_path / "hf"))
     assert report["max_abs_logit_error"] <= 1e-5 and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_python_export_carries_the_tokenizer(tmp_path, plain, tokenizer_dir):
+    """export_hf is what `make train` writes runs/*/hf with."""
+    from jax_controlllm.convert import export_hf
+    report = export_hf(*expanded(plain, "lerp"), tmp_path / "hf", tokenizer=tokenizer_dir)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(report["tokenizer_files"])
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).model_input_names == [
+        "input_ids", "attention_mask"]
+    assert (tmp_path / "hf" / "base_config" / "config.json").is_file()

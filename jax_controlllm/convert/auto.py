@@ -15,24 +15,25 @@ from jax_controlllm.config import ConfigError, ModelConfig
 FORMATS = ("auto", "hf", "gguf", "orbax", "smollm2")
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path, where: str = "base.path") -> str:
+    """hf | gguf | orbax | smollm2; errors name ``where``, the key or flag the user gave the path with."""
     if str(path) == "smollm2":
         return "smollm2"
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"base.path: {p} does not exist; give a Hugging Face directory, a .gguf file, "
+        raise ConfigError(f"{where}: {p} does not exist; give a Hugging Face directory, a .gguf file, "
                           "one of our checkpoints (run directory or export), or 'smollm2'")
     if p.is_file():
         if p.suffix == ".gguf":
             return "gguf"
-        raise ConfigError(f"base.path: {p} is a file but not .gguf; for Hugging Face weights give the directory")
+        raise ConfigError(f"{where}: {p} is a file but not .gguf; for Hugging Face weights give the directory")
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         return "hf"
     step_dir = (p / "params").is_dir() and (p / "model_config").is_dir()   # RUN/checkpoints/<step>
     if (p / "model_config.json").is_file() or (p / "checkpoints").is_dir() or step_dir \
             or any(c.name.isdigit() for c in p.iterdir()):
         return "orbax"
-    raise ConfigError(f"base.path: cannot tell what {p} holds (no config.json + safetensors, no Orbax checkpoint)")
+    raise ConfigError(f"{where}: cannot tell what {p} holds (no config.json + safetensors, no Orbax checkpoint)")
 
 
 def load_pretrained(path: str | Path, format: str = "auto", dtype: Optional[str] = None,

@@ -442,6 +442,11 @@ def build_tokenizer(meta: dict, path="<gguf>"):
     return tokenizer
 
 
+# What a Llama's forward takes. Without it, transformers 4.49's PreTrainedTokenizerFast also returns
+# token_type_ids, which LlamaForCausalLM.generate(**tokenizer(text)) rejects.
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
+
+
 def tokenizer_files(meta: dict, path="<gguf>") -> dict[str, str]:
     """File name -> text of the HF tokenizer files (tokenizer.json, tokenizer_config.json, ...)."""
     tokens = meta["tokenizer.ggml.tokens"] if "tokenizer.ggml.tokens" in meta else []
@@ -459,6 +464,7 @@ def tokenizer_files(meta: dict, path="<gguf>") -> dict[str, str]:
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(context) if context else None,
+        "model_input_names": list(MODEL_INPUT_NAMES),
     }
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]

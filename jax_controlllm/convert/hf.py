@@ -233,9 +233,14 @@ def _load_pickled(path: Path) -> dict:
 
 
 def _atomic_dir(out_dir: Path):
-    """A temporary sibling directory that replaces ``out_dir`` only once complete."""
+    """A temporary sibling directory that replaces ``out_dir`` only once complete, with the permissions of any
+    new directory (mkdtemp makes it 0700: the export would be unreadable to other users)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def commit_dir(tmp: Path, out_dir: Path) -> None:
@@ -277,6 +282,7 @@ def write_hf_dir(hf_config: dict, tensors: dict[str, np.ndarray], out_dir: str |
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         for fname, content in (extra_files or {}).items():
+            (tmp / fname).parent.mkdir(parents=True, exist_ok=True)
             (tmp / fname).write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
         commit_dir(tmp, out_dir)
     except BaseException:
@@ -285,12 +291,26 @@ def write_hf_dir(hf_config: dict, tensors: dict[str, np.ndarray], out_dir: str |
     return out_dir
 
 
+BASE_CONFIG_DIR = "base_config"  # inside a release-format export: the plain base's config.json
+
+
+def base_hf_config(config: ModelConfig) -> dict:
+    """config.json of the plain Llama that ``config`` was expanded from."""
+    base = dataclasses.replace(config, expansion=None, trainable_layers=None,
+                               num_hidden_layers=config.expansion.num_ori_layers or config.num_hidden_layers)
+    return model_config_to_hf(base)
+
+
 def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optional[str] = None,
             merge_back: bool = False, max_shard_bytes: int = 4 * 1024 ** 3,
             expanded_from: Optional[str] = None, sample_ids=None) -> dict:
     """Write ``params`` as a Hugging Face directory. Plain models: LlamaForCausalLM. Expanded models: the
     release's CausalLMExpansion format, or (``merge_back=True``) folded into a plain Llama. Returns a report
-    (for merge-back: how far the merged logits move on ``sample_ids`` or a default sample)."""
+    (for merge-back: how far the merged logits move on ``sample_ids`` or a default sample).
+
+    ``expanded_from`` is what the release's loader passes to ``AutoConfig.from_pretrained`` (a hub id or a
+    directory). By default the export carries the base's config in ``base_config/`` and names that directory
+    by its absolute path, so the export loads offline from any working directory (until it is moved)."""
     report: dict = {"out_dir": str(out_dir)}
     merged_from = None
     if merge_back:
@@ -301,13 +321,15 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optio
     tensors = to_hf_tensors(config, params)
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+    extra = {"generation_config.json": {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}}
+    if config.expansion is not None and not expanded_from:
+        extra[f"{BASE_CONFIG_DIR}/config.json"] = base_hf_config(config)
+        expanded_from = str(Path(out_dir).resolve() / BASE_CONFIG_DIR)
     hf = config_to_hf_dict(config, expanded_from)
     if merged_from is not None:
         hf["expansion"] = merged_from
     hf["torch_dtype"] = str(np.dtype(jnp.dtype(dtype)) if dtype else next(iter(tensors.values())).dtype)
     if hf["torch_dtype"] not in ("float32", "float16", "bfloat16"):
         hf["torch_dtype"] = "float32"
-    write_hf_dir(hf, tensors, out_dir, max_shard_bytes,
-                 extra_files={"generation_config.json": {"bos_token_id": config.bos_token_id,
-                                                         "eos_token_id": config.eos_token_id}})
+    write_hf_dir(hf, tensors, out_dir, max_shard_bytes, extra_files=extra)
     return report
