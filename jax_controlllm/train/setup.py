@@ -18,8 +18,9 @@ import jax
 import numpy as np
 import optax
 
-from jax_controlllm.config import ConfigError, ModelConfig, RunConfig
+from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig, RunConfig
 from jax_controlllm.model.control import cast_to_specs, expand, expanded_config, trainable_mask
+from jax_controlllm.model.layout import selected_layers
 from jax_controlllm.model.params import abstract_params, init_params, relayout
 from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules, param_shardings
 from jax_controlllm.train.state import (TrainState, count_params, learning_rate_schedule, make_optimizer,
@@ -36,9 +37,11 @@ RUNTIME_FIELDS = ("param_dtype", "frozen_dtype", "compute_dtype", "remat", "atte
 # Which model trains: mode + expansion on top of the base architecture
 # ----------------------------------------------------------------------------------------------
 
-def mode_fields(run: RunConfig, num_layers: int) -> dict:
+def mode_fields(run: RunConfig, base: ModelConfig) -> dict:
     """trainable_layers / train_embeddings for train.mode (controlllm: expansion decides instead)."""
-    mode = run.train.mode
+    mode, num_layers = run.train.mode, base.num_hidden_layers
+    if base.expansion is not None:
+        return continued_fields(run, base)
     if mode == "controlllm":
         if run.expansion is None:
             raise ConfigError("expansion: train.mode controlllm needs an expansion section, e.g. expansion: "
@@ -61,12 +64,46 @@ def mode_fields(run: RunConfig, num_layers: int) -> dict:
     return {"trainable_layers": sorted(int(i) for i in layers), "train_embeddings": False}
 
 
+def continued_fields(run: RunConfig, base: ModelConfig) -> dict:
+    """Continuing from an expanded (Control LLM) checkpoint: only train.mode controlllm is defined there, and it
+    trains exactly what a fresh expansion of the checkpoint's expansion trains."""
+    if run.train.mode != "controlllm":
+        raise ConfigError(
+            f"train.mode: {run.train.mode} is not defined for base.path {run.base.path}, an expanded Control LLM "
+            "checkpoint; set train.mode: controlllm to continue its Control LLM training, or fold it into a plain "
+            "Llama first (python -m launch.convert orbax-to-hf --merge-back) and tune that")
+    check_expansion_agrees(run.expansion, base.expansion, run.base.path)
+    return {"trainable_layers": None, "train_embeddings": False}
+
+
+def check_expansion_agrees(given: Optional[ExpansionConfig], stored: ExpansionConfig, path) -> None:
+    """An ``expansion:`` section beside an expanded checkpoint may only restate the checkpoint's expansion."""
+    if given is None:
+        return
+    theirs, ours = _effective_expansion(stored, stored), _effective_expansion(given, stored)
+    differing = [k for k in theirs if theirs[k] != ours[k]]
+    if differing:
+        shown = ", ".join(f"{k} ({ours[k]} here, {theirs[k]} in the checkpoint)" for k in differing)
+        raise ConfigError(f"expansion: contradicts the expanded checkpoint base.path {path} in {shown}; remove the "
+                          "expansion section (the checkpoint's is used) or make it match")
+
+
+def _effective_expansion(exp: ExpansionConfig, stored: ExpansionConfig) -> dict:
+    """The expansion's settings, with the layer rule replaced by the original layers it selects."""
+    fields = {k: v for k, v in dataclasses.asdict(exp).items() if k not in ("num_exp_layers", "num_ori_layers")}
+    try:
+        fields["layers"] = selected_layers(exp, stored.num_ori_layers)
+    except (ConfigError, TypeError, ValueError):
+        fields["layers"] = exp.layers if exp.layers is not None else f"num_exp_layers {exp.num_exp_layers}"
+    return fields
+
+
 def runtime_fields(run: RunConfig) -> dict:
     return {name: getattr(run.model, name) for name in RUNTIME_FIELDS}
 
 
-def base_policy(run: RunConfig, num_layers: int) -> dict:
-    return {**runtime_fields(run), **mode_fields(run, num_layers)}
+def base_policy(run: RunConfig, base: ModelConfig) -> dict:
+    return {**runtime_fields(run), **mode_fields(run, base)}
 
 
 def base_model_config(run: RunConfig) -> ModelConfig:
@@ -75,7 +112,7 @@ def base_model_config(run: RunConfig) -> ModelConfig:
         config = run.model
     else:
         config = _read_base_config(run.base.path, run.base.format)
-    return dataclasses.replace(config, **base_policy(run, config.num_hidden_layers))
+    return dataclasses.replace(config, **base_policy(run, config))
 
 
 def _read_base_config(path: str, fmt: str) -> ModelConfig:
@@ -94,8 +131,9 @@ def _read_base_config(path: str, fmt: str) -> ModelConfig:
 
 
 def trained_model_config(run: RunConfig, base: ModelConfig) -> ModelConfig:
-    """The model that trains: the base with its mode policy, expanded in controlllm mode."""
-    config = expanded_config(base, run.expansion) if run.train.mode == "controlllm" else base
+    """The model that trains: the base with its mode policy, expanded in controlllm mode (unless the base is an
+    expanded checkpoint already: its training then continues)."""
+    config = expanded_config(base, run.expansion) if needs_expansion(run, base) else base
     config.validate()
     return config
 
@@ -103,6 +141,10 @@ def trained_model_config(run: RunConfig, base: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------------------------
 # Checks that must fail before anything is created or loaded
 # ----------------------------------------------------------------------------------------------
+
+def needs_expansion(run: RunConfig, base: ModelConfig) -> bool:
+    return run.train.mode == "controlllm" and base.expansion is None
+
 
 def check_batch(run: RunConfig, mesh, rules: dict) -> None:
     train = run.train
@@ -169,7 +211,7 @@ def pretrained_params(run: RunConfig, base: ModelConfig, host: dict, model_confi
                       rules: dict) -> dict:
     """The base model's host weights cut into shards, then expanded under jit in controlllm mode."""
     params = jax.tree.map(put_sharded, host, param_shardings(base, mesh, rules))
-    if run.train.mode != "controlllm":
+    if not needs_expansion(run, base):
         return params
     rng = jax.random.fold_in(jax.random.key(run.train.seed), 1)
     expand_fn = jax.jit(lambda p: expand(base, p, run.expansion, rng)[1],
@@ -186,12 +228,11 @@ def load_base_weights(run: RunConfig) -> tuple[ModelConfig, dict]:
         from jax_controlllm.checkpoint import load_model
         config, params = load_model(path, as_numpy=True)
     elif kind == "hf":   # the depth is in config.json: read the tensors once, straight in their dtypes
-        depth = _read_base_config(path, kind).num_hidden_layers
         return load_pretrained(path, kind, allow_pickle=run.base.allow_pickle, as_numpy=True,
-                               **base_policy(run, depth))
+                               **base_policy(run, _read_base_config(path, kind)))
     else:                # GGUF: the depth comes with the tensors; read at master precision, then cast
         config, params = load_pretrained(path, kind, as_numpy=True, dtype=run.model.param_dtype)
-    trained = dataclasses.replace(config, **base_policy(run, config.num_hidden_layers))
+    trained = dataclasses.replace(config, **base_policy(run, config))
     return trained, cast_to_specs(trained, relayout(config, trained, params))
 
 
