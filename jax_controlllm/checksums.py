@@ -2,7 +2,7 @@
 file is found before anything is loaded.
 
 ``DIR/checksums.json`` lists every file under ``DIR`` (relative path, size, xxh3-64 digest). It is written last,
-through a temporary file and a rename, once everything else is on disk: a directory without it is incomplete (its
+through a temporary file and a rename, once everything else is written: a directory without it is incomplete (its
 save, or the writing of the manifest, was cut short), never trusted. xxh3-64 because it is the cheapest of the
 checksums measured (``bench/checkpoint_integrity.py``: xxh3-64, CRC32C and zlib's CRC-32 over the same bytes).
 """
@@ -49,9 +49,10 @@ class Verdict:
 
 def file_digest(path: Path) -> str:
     digest = xxhash.xxh3_64()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
+        # a buffer no larger than the file: most files of a checkpoint are small index and metadata files
+        buffer = bytearray(min(CHUNK, max(os.fstat(handle.fileno()).st_size, 1)))
+        view = memoryview(buffer)
         while n := handle.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
@@ -69,31 +70,17 @@ def files_under(directory: Path) -> list[str]:
 
 
 def write_manifest(directory: str | Path) -> Path:
-    """Hash every file under ``directory`` and write the manifest atomically (temporary file, fsync, rename)."""
+    """Hash every file under ``directory`` and write the manifest atomically (temporary file, rename)."""
     directory = Path(directory)
     files = {rel: {"bytes": (directory / rel).stat().st_size, ALGORITHM: file_digest(directory / rel)}
              for rel in files_under(directory)}
+    # No fsync (it was most of the manifest's cost on small checkpoints): after a power loss the manifest may be
+    # missing, torn or ahead of the files it lists, and each of those reads as incomplete or damaged, never intact.
     tmp, final = directory / (MANIFEST + ".tmp"), directory / MANIFEST
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"format": FORMAT, "algorithm": ALGORITHM, "files": files}, handle, indent=0)
-        handle.flush()
-        os.fsync(handle.fileno())
+    tmp.write_text(json.dumps({"format": FORMAT, "algorithm": ALGORITHM, "files": files}, indent=0),
+                   encoding="utf-8")
     os.replace(tmp, final)
-    _fsync_directory(directory)
     return final
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:               # some filesystems cannot open directories: the rename is then all we have
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_manifest(directory: Path) -> Optional[dict]:
