@@ -69,6 +69,7 @@ class ModelConfig:
     trainable_layers: Optional[list] = None        # block indices; None = none (frozen base)
     train_embeddings: bool = False                 # full tuning: embeddings, final norm, LM head
     expansion: Optional["ExpansionConfig"] = None
+    lora: Optional["LoraConfig"] = None            # low-rank adapters on a frozen plain model (train.mode lora)
 
     def __hash__(self):  # static argument of jax.jit: the config decides shapes and code, not values
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
@@ -99,6 +100,11 @@ class ModelConfig:
                f"{self.attention_impl!r} is not one of xla, cudnn")
         if self.expansion is not None:
             self.expansion.validate(self)
+        if self.lora is not None:
+            _check(self.expansion is None, "lora",
+                   "LoRA adapts a plain Llama but this model is expanded (Control LLM); train LoRA on the plain "
+                   "base, or merge the expanded model first (launch.convert orbax-to-hf --merge-back)")
+            self.lora.validate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,12 +159,44 @@ class ExpansionConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA (the baseline most users reach for): W x + (alpha / rank) B A dropout(x) on chosen projections
+# --------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on a frozen plain Llama (Hu et al. 2021; PEFT's conventions). The default targets every
+    attention and MLP projection: adapting only q and v learns markedly less new knowledge, and LoRA is here as
+    the baseline whose acquisition Control LLM is compared with."""
+    rank: int = 16
+    alpha: float = 32.0                            # the update is scaled by alpha / rank
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    dropout: float = 0.0                           # on the adapter's input only, during training steps
+
+    def validate(self) -> None:
+        _check(self.rank >= 1, "lora.rank", f"must be at least 1, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not unknown, "lora.targets", f"unknown projection(s) {_show(unknown)}; choose from "
+                                            f"{', '.join(LORA_TARGETS)}")
+        _check(bool(self.targets) and len(set(self.targets)) == len(self.targets), "lora.targets",
+               f"expected a non-empty list of distinct projections, got {_show(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# --------------------------------------------------------------------------------------------
 # Training, data, mesh, checkpoints
 # --------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
-    mode: str = "controlllm"                       # controlllm | full | partial
+    mode: str = "controlllm"                       # controlllm | full | partial | lora
     steps: int = 100
     batch_size: int = 8                            # global batch (sequences per optimizer step)
     grad_accum: int = 1
@@ -199,6 +237,9 @@ TRAIN_MINIMUMS = {"steps": 0, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "w
                   "skip_nonfinite_steps": 0, "prefetch": 0}
 
 
+TRAIN_MODES = ("controlllm", "full", "partial", "lora")
+
+
 @dataclass
 class MeshConfig:
     shape: str = "1"                               # "4x8", "2x2x8", "-1x8"
@@ -219,6 +260,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     expansion: Optional[ExpansionConfig] = None
+    lora: Optional[LoraConfig] = None              # train.mode lora (absent: LoraConfig's defaults)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: dict = field(default_factory=dict)       # parsed by jax_controlllm.data.DataConfig
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -232,8 +274,12 @@ class RunConfig:
         if self.expansion is not None:
             self.expansion.validate(self.model)
         self.train.validate()
-        _check(self.train.mode in ("controlllm", "full", "partial"), "train.mode",
-               f"{self.train.mode!r} is not one of controlllm, full, partial")
+        _check(self.train.mode in TRAIN_MODES, "train.mode",
+               f"{self.train.mode!r} is not one of {', '.join(TRAIN_MODES)}")
+        if self.lora is not None:
+            _check(self.train.mode == "lora", "lora",
+                   f"a lora section needs train.mode: lora (it is {self.train.mode}); set it or remove the section")
+            self.lora.validate()
         _check(self.train.batch_size % self.train.grad_accum == 0, "train.grad_accum",
                f"batch_size {self.train.batch_size} is not divisible by grad_accum {self.train.grad_accum}")
 
@@ -428,7 +474,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """Plain Llama fields of a Hugging Face ``config.json`` (unknown HF keys are ignored here)."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"expansion"}
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"expansion", "lora"}
     kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
     rope = hf.get("rope_parameters")  # transformers >= 5 folds rope_theta and rope_scaling into one dict
     if isinstance(rope, dict):

@@ -116,15 +116,15 @@ def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, s
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def controlllm_loss(config: ModelConfig, params: dict, batch: dict) -> dict:
+def controlllm_loss(config: ModelConfig, params: dict, batch: dict, lora_rng=None) -> dict:
     """CE + divergence for a batch dict with input_ids and optionally labels (default: input_ids),
     attention_mask, segment_ids, positions. Returns ce, divergence, divergence_per_layer (by block index),
-    merge_weight_per_layer, total, and tokens (number of scored tokens)."""
+    merge_weight_per_layer, total, and tokens (number of scored tokens). ``lora_rng``: LoRA dropout key."""
     input_ids = jnp.asarray(batch["input_ids"])
     labels = jnp.asarray(batch.get("labels", input_ids))
     segment_ids = batch.get("segment_ids")
     h, aux, _ = final_hidden(config, params, input_ids, batch.get("attention_mask"), batch.get("positions"),
-                             segment_ids, return_aux=True)
+                             segment_ids, return_aux=True, lora_rng=lora_rng)
     nll, tokens = cross_entropy_sum(config, params, h, labels, segment_ids)
     ce = nll / jnp.maximum(tokens, 1.0)
     if aux:

@@ -24,6 +24,7 @@ DEFAULT_RULES: dict[str, Optional[tuple[str, ...]]] = {
     "layers": None,
     "norm": None,
     "gate": None,
+    "lora_rank": None,          # LoRA's rank dimension: small, replicated
     "act_batch": ("data", "fsdp"),
     "act_seq": None,
     "act_embed": None,

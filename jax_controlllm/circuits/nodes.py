@@ -41,6 +41,7 @@ from jax_controlllm.config import ModelConfig
 from jax_controlllm.convert import from_hf_tensors
 from jax_controlllm.model import layer_plan, unstack_blocks
 from jax_controlllm.model.control import expanded_norm_relax, merge_coefficients
+from jax_controlllm.model.lora import merge_lora
 from jax_controlllm.model.llama import (Context, apply_rope, attention_mask_for, attention_weights_xla,
                                         dense_per_head, head_kernel, head_outputs, mlp, norm_mix,
                                         rms_norm, rope_tables, token_mask_for)
@@ -83,6 +84,7 @@ def circuit_model(config: ModelConfig, params, dtype: str = "float32") -> Circui
         return params
     if any(str(k).startswith("model.") for k in params):
         params = from_hf_tensors(config, params)
+    config, params = merge_lora(config, params)   # a LoRA model's graph is that of its merged weights
     cast = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     weights = {k: v for k, v in cast.items() if k != "layers"}
     weights["blocks"] = unstack_blocks(config, cast)          # the stacked layout follows the trained config

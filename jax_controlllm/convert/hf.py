@@ -22,6 +22,7 @@ from jax_controlllm.config import (ConfigError, ExpansionConfig, ModelConfig, fr
                                    model_config_to_hf)
 from jax_controlllm.convert.safetensors_io import SafetensorsDir, SafetensorsError, save_file
 from jax_controlllm.model.layout import layer_plan
+from jax_controlllm.model.lora import merge_lora
 from jax_controlllm.model.params import _is_spec, block_specs, param_specs, stack_blocks, unstack_blocks
 
 
@@ -305,13 +306,17 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optio
             merge_back: bool = False, max_shard_bytes: int = 4 * 1024 ** 3,
             expanded_from: Optional[str] = None, sample_ids=None) -> dict:
     """Write ``params`` as a Hugging Face directory. Plain models: LlamaForCausalLM. Expanded models: the
-    release's CausalLMExpansion format, or (``merge_back=True``) folded into a plain Llama. Returns a report
-    (for merge-back: how far the merged logits move on ``sample_ids`` or a default sample).
+    release's CausalLMExpansion format, or (``merge_back=True``) folded into a plain Llama. LoRA models: their
+    adapters merged into the kernels, a plain Llama. Returns a report (for merge-back: how far the merged logits
+    move on ``sample_ids`` or a default sample).
 
     ``expanded_from`` is what the release's loader passes to ``AutoConfig.from_pretrained`` (a hub id or a
     directory). By default the export carries the base's config in ``base_config/`` and names that directory
     by its absolute path, so the export loads offline from any working directory (until it is moved)."""
     report: dict = {"out_dir": str(out_dir)}
+    if config.lora is not None:
+        report["lora_merged"] = dataclasses.asdict(config.lora)
+        config, params = merge_lora(config, params)
     merged_from = None
     if merge_back:
         from jax_controlllm.convert.merge_back import merge_back_params, provenance

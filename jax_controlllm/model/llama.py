@@ -11,6 +11,7 @@ when the caller passes them (the data pipeline does).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.model.layout import Segment, segment_of
+from jax_controlllm.model.lora import lora_update
 from jax_controlllm.model.params import block_key, segment_key
 from jax_controlllm.sharding import constrain
 
@@ -81,12 +83,22 @@ class Context:
     token_mask: jax.Array            # [B, S] float32: 1 for real tokens (divergence averaging)
     segment_ids: Optional[jax.Array] = None
     cache_index: Optional[jax.Array] = None   # decoding: slot where this chunk's keys are written
+    lora_rng: Optional[jax.Array] = None      # training steps: LoRA dropout key (per block inside the stack)
 
 
 def dense(x: jax.Array, p: dict, dtype) -> jax.Array:
     y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
+    return y
+
+
+def project(x: jax.Array, p: dict, name: str, ctx: Optional[Context] = None) -> jax.Array:
+    """The projection ``p[name]`` of x, plus its LoRA update when it has an adapter: every linear map of a block
+    goes through here, so a LoRA model runs the same forward as the plain one (``ctx``: needed with adapters)."""
+    y = dense(x, p[name], x.dtype)
+    if "lora_a" in p[name]:
+        y = y + lora_update(x, p[name], name, ctx.config.lora, ctx.lora_rng)
     return y
 
 
@@ -154,9 +166,9 @@ def attention_weights_cudnn(q, k, v, ctx: Context):
 def self_attention(p: dict, x: jax.Array, ctx: Context, cache: Optional[dict]):
     c, dt = ctx.config, x.dtype
     b, s, _ = x.shape
-    q = dense(x, p["q_proj"], dt).reshape(b, s, c.num_attention_heads, c.head_dim)
-    k = dense(x, p["k_proj"], dt).reshape(b, s, c.num_key_value_heads, c.head_dim)
-    v = dense(x, p["v_proj"], dt).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    q = project(x, p, "q_proj", ctx).reshape(b, s, c.num_attention_heads, c.head_dim)
+    k = project(x, p, "k_proj", ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
+    v = project(x, p, "v_proj", ctx).reshape(b, s, c.num_key_value_heads, c.head_dim)
     q = checkpoint_name(constrain(apply_rope(q, ctx.cos, ctx.sin), ("act_batch", "act_seq", "act_heads", None)),
                         "query")
     k = checkpoint_name(constrain(apply_rope(k, ctx.cos, ctx.sin), ("act_batch", "act_seq", "act_kv_heads", None)),
@@ -172,7 +184,7 @@ def self_attention(p: dict, x: jax.Array, ctx: Context, cache: Optional[dict]):
     else:
         out = attention_weights_xla(q, k, v, ctx.mask)
     out = checkpoint_name(out.reshape(b, s, c.num_attention_heads * c.head_dim), "attention")
-    return dense(out, p["o_proj"], dt), cache
+    return project(out, p, "o_proj", ctx), cache
 
 
 def dense_per_head(x: jax.Array, p: dict, n_heads: int, dtype, take=None) -> jax.Array:
@@ -196,12 +208,11 @@ def head_outputs(z: jax.Array, p: dict, dtype) -> jax.Array:
     return jnp.einsum("bshk,hkd->hbsd", z, kernel)
 
 
-def mlp(p: dict, x: jax.Array) -> jax.Array:
-    dt = x.dtype
-    gate = checkpoint_name(dense(x, p["gate_proj"], dt), "mlp_gate")
-    hidden = jax.nn.silu(gate) * checkpoint_name(dense(x, p["up_proj"], dt), "mlp_up")
+def mlp(p: dict, x: jax.Array, ctx: Optional[Context] = None) -> jax.Array:
+    gate = checkpoint_name(project(x, p, "gate_proj", ctx), "mlp_gate")
+    hidden = jax.nn.silu(gate) * checkpoint_name(project(x, p, "up_proj", ctx), "mlp_up")
     hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
-    return dense(hidden, p["down_proj"], dt)
+    return project(hidden, p, "down_proj", ctx)
 
 
 def decoder_layer(p: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None,
@@ -210,7 +221,7 @@ def decoder_layer(p: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = N
     eps = ctx.config.rms_norm_eps
     attn, cache = self_attention(p["self_attn"], rms_norm(h, p["input_layernorm"], eps, relax), ctx, cache)
     h = checkpoint_name(h + attn, "attention_residual")
-    h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"], eps, relax))
+    h = h + mlp(p["mlp"], rms_norm(h, p["post_attention_layernorm"], eps, relax), ctx)
     return checkpoint_name(constrain(h, ("act_batch", "act_seq", "act_embed")), "layer_output"), cache
 
 
@@ -253,12 +264,13 @@ def _segment_body(segment: Segment, ctx: Context):
     kinds = [b.kind for b in segment.pattern]
 
     def body(h, xs):
-        block_params, block_caches = xs
+        block_params, block_caches, rng = xs
         new_caches, aux = {}, {}
         for j, kind in enumerate(kinds):
             key = block_key(j)
             cache = None if block_caches is None else block_caches[key]
-            h, cache, block_aux = _apply_block(kind, block_params[key], h, ctx, cache)
+            block_ctx = ctx if rng is None else dataclasses.replace(ctx, lora_rng=jax.random.fold_in(rng, j))
+            h, cache, block_aux = _apply_block(kind, block_params[key], h, block_ctx, cache)
             if cache is not None:
                 new_caches[key] = cache
             if block_aux is not None:
@@ -277,7 +289,9 @@ def apply_blocks(config: ModelConfig, layers: dict, h: jax.Array, ctx: Context, 
     for i, seg in enumerate(segment_of(config)):
         key = segment_key(i)
         seg_cache = None if cache is None else cache[key]
-        h, (seg_new_cache, seg_aux) = jax.lax.scan(_segment_body(seg, ctx), h, (layers[key], seg_cache))
+        # one dropout key per repeat of the segment (None outside training steps)
+        rngs = None if ctx.lora_rng is None else jax.random.split(jax.random.fold_in(ctx.lora_rng, i), seg.repeats)
+        h, (seg_new_cache, seg_aux) = jax.lax.scan(_segment_body(seg, ctx), h, (layers[key], seg_cache, rngs))
         if seg_new_cache is not None:
             new_cache[key] = seg_new_cache
         for j in range(len(seg.pattern)):
@@ -326,15 +340,16 @@ def head_kernel(config: ModelConfig, params: dict) -> jax.Array:
 
 
 def final_hidden(config: ModelConfig, params: dict, input_ids, attention_mask=None, positions=None,
-                 segment_ids=None, return_aux: bool = False):
-    """Normed last hidden state [B, S, H] (compute dtype), plus Control LLM aux terms when asked."""
+                 segment_ids=None, return_aux: bool = False, lora_rng=None):
+    """Normed last hidden state [B, S, H] (compute dtype), plus Control LLM aux terms when asked.
+    ``lora_rng``: the training step's key for LoRA dropout (None: no dropout)."""
     input_ids = jnp.asarray(input_ids)
     b, s = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_tables(config, jnp.asarray(positions))
     ctx = Context(config, cos, sin, attention_mask_for(input_ids, attention_mask, segment_ids),
-                  token_mask_for(input_ids, attention_mask, segment_ids), segment_ids)
+                  token_mask_for(input_ids, attention_mask, segment_ids), segment_ids, lora_rng=lora_rng)
     h = embed(config, params, input_ids)
     h, _, aux = apply_blocks(config, params["layers"], h, ctx)
     h = rms_norm(h, params["norm"], config.rms_norm_eps)

@@ -50,22 +50,36 @@ def _norm(config, trainable, relaxed=False):
     return out
 
 
+def _projection(config, name, din, dout, in_axis, out_axis, trainable, bias) -> dict:
+    """A linear projection, plus its LoRA adapter when ``config.lora`` targets it: ``lora_a [in, r]``
+    initialised like PEFT's A (kaiming-uniform with a = sqrt(5), i.e. uniform ±1/sqrt(in)) and ``lora_b [r, out]``
+    zero, so the adapted model starts exactly at the base. The adapters are the only trainable leaves of a LoRA
+    model; their update to the kernel is (alpha / r) lora_a @ lora_b (model/lora.py)."""
+    out = _dense(config, din, dout, in_axis, out_axis, trainable, bias)
+    lora = config.lora
+    if lora is not None and name in lora.targets:
+        out["lora_a"] = ParamSpec((din, lora.rank), (in_axis, "lora_rank"), "fan_in", True, config.param_dtype)
+        out["lora_b"] = ParamSpec((lora.rank, dout), ("lora_rank", out_axis), "zeros", True, config.param_dtype)
+    return out
+
+
 def decoder_layer_specs(config: ModelConfig, trainable: bool, relaxed_norm: bool = False) -> dict:
     c, t = config, trainable
-    d, hq, hkv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, hq, hkv, m = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
+        c.intermediate_size
     return {
         "input_layernorm": _norm(c, t, relaxed_norm),
         "self_attn": {
-            "q_proj": _dense(c, d, hq, "embed", "heads", t, c.attention_bias),
-            "k_proj": _dense(c, d, hkv, "embed", "kv_heads", t, c.attention_bias),
-            "v_proj": _dense(c, d, hkv, "embed", "kv_heads", t, c.attention_bias),
-            "o_proj": _dense(c, hq, d, "heads", "embed", t, c.attention_bias),
+            "q_proj": _projection(c, "q_proj", d, hq, "embed", "heads", t, c.attention_bias),
+            "k_proj": _projection(c, "k_proj", d, hkv, "embed", "kv_heads", t, c.attention_bias),
+            "v_proj": _projection(c, "v_proj", d, hkv, "embed", "kv_heads", t, c.attention_bias),
+            "o_proj": _projection(c, "o_proj", hq, d, "heads", "embed", t, c.attention_bias),
         },
         "post_attention_layernorm": _norm(c, t, relaxed_norm),
         "mlp": {
-            "gate_proj": _dense(c, d, c.intermediate_size, "embed", "mlp", t, c.mlp_bias),
-            "up_proj": _dense(c, d, c.intermediate_size, "embed", "mlp", t, c.mlp_bias),
-            "down_proj": _dense(c, c.intermediate_size, d, "mlp", "embed", t, c.mlp_bias),
+            "gate_proj": _projection(c, "gate_proj", d, m, "embed", "mlp", t, c.mlp_bias),
+            "up_proj": _projection(c, "up_proj", d, m, "embed", "mlp", t, c.mlp_bias),
+            "down_proj": _projection(c, "down_proj", m, d, "mlp", "embed", t, c.mlp_bias),
         },
     }
 
@@ -149,13 +163,17 @@ def _init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
     return 0.02 * jax.random.normal(key, shape, dtype)
 
 
+def init_leaves(specs: dict, rng, config: ModelConfig) -> dict:
+    """Initial values of a tree of ParamSpecs (the whole model or a part of it), deterministic from ``rng``."""
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(rng, max(len(leaves), 1))
+    return jax.tree.unflatten(treedef, [_init_leaf(s, k, config) for s, k in zip(leaves, keys)])
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng) -> dict:
     """Random parameters (std 0.02 normal for weights), deterministic from ``rng``."""
-    specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    keys = jax.random.split(rng, len(leaves))
-    return jax.tree.unflatten(treedef, [_init_leaf(s, k, config) for s, k in zip(leaves, keys)])
+    return init_leaves(param_specs(config), rng, config)
 
 
 def abstract_params(config: ModelConfig) -> dict:

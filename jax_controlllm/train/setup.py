@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import optax
 
-from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig, RunConfig
+from jax_controlllm.config import ConfigError, ExpansionConfig, LoraConfig, ModelConfig, RunConfig
 from jax_controlllm.model.control import cast_to_specs, expand, expanded_config, trainable_mask
 from jax_controlllm.model.layout import selected_layers
+from jax_controlllm.model.lora import add_lora, lora_config, merge_lora
 from jax_controlllm.model.params import abstract_params, init_params, relayout
 from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules, param_shardings
 from jax_controlllm.train.state import (TrainState, count_params, learning_rate_schedule, make_optimizer,
@@ -53,6 +54,8 @@ def mode_fields(run: RunConfig, base: ModelConfig) -> dict:
                           f"or set train.mode: controlllm")
     if mode == "full":
         return {"trainable_layers": list(range(num_layers)), "train_embeddings": True}
+    if mode == "lora":   # the whole base frozen; the adapters are the trainable leaves
+        return {"trainable_layers": None, "train_embeddings": False}
     layers = run.train.trainable_layers
     if not layers:
         raise ConfigError(f"train.trainable_layers: train.mode partial needs the layer indices to tune, "
@@ -125,17 +128,38 @@ def _read_base_config(path: str, fmt: str) -> ModelConfig:
     if kind == "orbax":
         from jax_controlllm.checkpoint import model_config_from_json, resolve_model_dir
         _, file = resolve_model_dir(path)
-        return model_config_from_json(json.loads(file.read_text()), str(file))
+        # a LoRA run as the base: its adapters are merged in when the weights load
+        return dataclasses.replace(model_config_from_json(json.loads(file.read_text()), str(file)), lora=None)
     from jax_controlllm.convert.gguf import gguf_model_config
     return gguf_model_config(path)  # metadata and tensor shapes only: the weights are read once, later
 
 
+def run_lora(run: RunConfig) -> LoraConfig:
+    """The adapters of a lora run: its lora section, or the defaults."""
+    return run.lora if run.lora is not None else LoraConfig()
+
+
 def trained_model_config(run: RunConfig, base: ModelConfig) -> ModelConfig:
     """The model that trains: the base with its mode policy, expanded in controlllm mode (unless the base is an
-    expanded checkpoint already: its training then continues)."""
-    config = expanded_config(base, run.expansion) if needs_expansion(run, base) else base
+    expanded checkpoint already: its training then continues), with adapters in lora mode."""
+    if needs_expansion(run, base):
+        config = expanded_config(base, run.expansion)
+    elif run.train.mode == "lora":
+        config = lora_config(base, run_lora(run))
+    else:
+        config = base
     config.validate()
     return config
+
+
+def adapt(run: RunConfig, base: ModelConfig, params: dict, rng) -> dict:
+    """The base's params turned into the trained model's: expanded (controlllm on a plain base), with fresh
+    adapters (lora)."""
+    if needs_expansion(run, base):
+        return expand(base, params, run.expansion, rng)[1]
+    if run.train.mode == "lora":
+        return add_lora(base, params, run_lora(run), rng)[1]
+    return params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,23 +224,20 @@ def fresh_params(run: RunConfig, base: ModelConfig, model_config: ModelConfig, m
     rng = jax.random.key(run.train.seed)
 
     def init():
-        params = init_params(base, rng)
-        if run.train.mode == "controlllm":
-            params = expand(base, params, run.expansion, jax.random.fold_in(rng, 1))[1]
-        return params
+        return adapt(run, base, init_params(base, rng), jax.random.fold_in(rng, 1))
     return jax.jit(init, out_shardings=param_shardings(model_config, mesh, rules))()
 
 
 def pretrained_params(run: RunConfig, base: ModelConfig, host: dict, model_config: ModelConfig, mesh,
                       rules: dict) -> dict:
-    """The base model's host weights cut into shards, then expanded under jit in controlllm mode."""
+    """The base model's host weights cut into shards, then expanded (controlllm) or given adapters (lora) under
+    jit."""
     params = jax.tree.map(put_sharded, host, param_shardings(base, mesh, rules))
-    if not needs_expansion(run, base):
+    if not (needs_expansion(run, base) or run.train.mode == "lora"):
         return params
     rng = jax.random.fold_in(jax.random.key(run.train.seed), 1)
-    expand_fn = jax.jit(lambda p: expand(base, p, run.expansion, rng)[1],
-                        out_shardings=param_shardings(model_config, mesh, rules))
-    return expand_fn(params)
+    adapt_fn = jax.jit(lambda p: adapt(run, base, p, rng), out_shardings=param_shardings(model_config, mesh, rules))
+    return adapt_fn(params)
 
 
 def load_base_weights(run: RunConfig) -> tuple[ModelConfig, dict]:
@@ -226,7 +247,7 @@ def load_base_weights(run: RunConfig) -> tuple[ModelConfig, dict]:
     kind = detect_format(path) if fmt == "auto" else fmt
     if kind == "orbax":  # our own checkpoints and exports
         from jax_controlllm.checkpoint import load_model
-        config, params = load_model(path, as_numpy=True)
+        config, params = merge_lora(*load_model(path, as_numpy=True))   # a LoRA run's adapters folded in
     elif kind == "hf":   # the depth is in config.json: read the tensors once, straight in their dtypes
         return load_pretrained(path, kind, allow_pickle=run.base.allow_pickle, as_numpy=True,
                                **base_policy(run, _read_base_config(path, kind)))

@@ -67,10 +67,10 @@ def learning_rate_schedule(train: TrainConfig) -> Callable:
 
 
 def weight_decay_mask(params) -> Any:
-    """Decay matrices (kernels, embeddings) only; norms, biases and merge factors are not decayed,
-    as in Hugging Face's Trainer, which the paper used."""
+    """Decay matrices (kernels, embeddings, LoRA adapters) only; norms, biases and merge factors are not decayed,
+    as in Hugging Face's Trainer, which the paper used (and PEFT's LoRA runs under)."""
     def decays(path, _):
-        return getattr(path[-1], "key", None) in ("kernel", "embedding")
+        return getattr(path[-1], "key", None) in ("kernel", "embedding", "lora_a", "lora_b")
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

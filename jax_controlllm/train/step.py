@@ -90,8 +90,8 @@ def scored_tokens(batch: dict) -> jax.Array:
 
 def _micro_loss(config: ModelConfig, total_tokens, accum: int, poison):
     """The micro-batch's share of the step loss, as a function of the trainable leaves."""
-    def loss(trainable, frozen, micro):
-        out = controlllm_loss(config, combine(trainable, frozen), micro)
+    def loss(trainable, frozen, micro, lora_rng):
+        out = controlllm_loss(config, combine(trainable, frozen), micro, lora_rng)
         share = out["ce"] * out["tokens"] / total_tokens + out["divergence"] / accum
         return share * poison, out
     return loss
@@ -104,19 +104,23 @@ def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
             "merge_weight_per_layer": out["merge_weight_per_layer"] / accum}
 
 
-def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison):
-    """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32."""
+def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison,
+                   lora_rng=None):
+    """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32.
+    ``lora_rng``: the step's LoRA dropout key (None: no dropout), folded with the micro-batch index."""
     total_tokens = jnp.maximum(scored_tokens(batch), 1.0)
     grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison), has_aux=True)
     if accum == 1:
-        grads, out = grad_fn(trainable, frozen, batch)
+        grads, out = grad_fn(trainable, frozen, batch, lora_rng)
         return _metrics_share(out, total_tokens, 1), grads
 
     micro = split_micro_batches(batch, accum)
 
     def body(carry, xs):
         grad_sum, metric_sum = carry
-        grads, out = grad_fn(trainable, frozen, xs)
+        micro_batch, index = xs
+        rng = None if lora_rng is None else jax.random.fold_in(lora_rng, index)
+        grads, out = grad_fn(trainable, frozen, micro_batch, rng)
         grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
         metric_sum = jax.tree.map(jnp.add, metric_sum, _metrics_share(out, total_tokens, accum))
         return (grad_sum, metric_sum), None
@@ -126,13 +130,24 @@ def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: di
     metric_zeros = {"ce": jnp.float32(0), "divergence": jnp.float32(0),
                     "divergence_per_layer": jnp.zeros((n,), jnp.float32),
                     "merge_weight_per_layer": jnp.zeros((n,), jnp.float32)}
-    (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), micro)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro, jnp.arange(accum)))
     return metrics, grads
 
 
 # ----------------------------------------------------------------------------------------------
 # Step functions
 # ----------------------------------------------------------------------------------------------
+
+LORA_DROPOUT_STREAM = 2   # fold_in index off the run seed (train/setup.py: 1 initialises expansions and adapters)
+
+
+def lora_dropout_rng(config: ModelConfig, train: TrainConfig, step: jax.Array):
+    """The LoRA dropout key of training step ``step`` (deterministic from ``train.seed``: a resumed run draws the
+    same masks), or None when the model has no LoRA dropout."""
+    if config.lora is None or config.lora.dropout == 0:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(train.seed), LORA_DROPOUT_STREAM), step)
+
 
 def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation,
                   schedule: Callable, mesh, rules: dict) -> Callable:
@@ -145,7 +160,8 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
             poison = jnp.float32(1.0)
             if inject >= 0:  # testing aid: this step's loss (and so its gradients) become NaN
                 poison = jnp.where(state.step + 1 == inject, jnp.float32(jnp.nan), poison)
-            metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison)
+            metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison,
+                                            lora_dropout_rng(config, train, state.step))
         loss = (metrics["ce"] + metrics["divergence"]) * poison
         grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient leaves weights and optimizer untouched (the loop decides whether
