@@ -279,3 +279,21 @@ def test_tiny_yaml_config_loads_with_a_lora_section(tmp_path):
     path.write_text(TINY.read_text().replace(expansion, lora).replace("mode: controlllm", "mode: lora"))
     run = load_config(path)
     assert run.lora == LoraConfig(rank=8, targets=["q_proj", "v_proj"]) and run.expansion is None
+
+
+@pytest.mark.parametrize("change", ["lora.rank=8", "lora.dropout=0.2", "lora.targets=[q_proj]"])
+def test_resuming_a_lora_run_with_other_adapters_is_refused(tmp_path, change):
+    from jax_controlllm.train.rundir import check_config_drift, write_config
+    write_config(tmp_path, tiny_run_config(*LORA, "lora.rank=4"))
+    with pytest.raises(ConfigError, match=f"different {change.split('=')[0]}.*start a new run"):
+        check_config_drift(tmp_path, tiny_run_config(*LORA, "lora.rank=4", change))
+    assert check_config_drift(tmp_path, tiny_run_config(*LORA, "lora.rank=4")) is None
+
+
+def test_the_circuit_graph_of_a_lora_model_is_that_of_its_merged_weights(base):
+    from jax_controlllm.circuits.nodes import circuit_model
+    lora_config, params = _adapted(base)
+    params = _perturb_b(params)
+    graph, merged = circuit_model(lora_config, params), circuit_model(*merge_lora(lora_config, params))
+    assert graph.config == merged.config and graph.config.lora is None
+    jax.tree.map(np.testing.assert_array_equal, graph.weights, merged.weights)

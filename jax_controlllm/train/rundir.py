@@ -202,8 +202,9 @@ HARMLESS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_ba
             "mesh", "out_dir", "eval", "report", "data.prefetch", "data.tokenize_chunk",
             # how the same model is computed, not what it is
             "model.remat", "model.attention_impl", "model.scan_layers", "model.loss_chunk")
-# What the checkpoint is: its architecture, expansion, tokenizer and what trains. No flag continues past these.
-FIXED = ("model", "base.path", "base.format", "expansion", "data.tokenizer", "train.mode",
+# What the checkpoint is: its architecture, expansion or adapters, tokenizer and what trains. No flag continues
+# past these (a LoRA checkpoint's model config, dropout included, is what a resume trains).
+FIXED = ("model", "base.path", "base.format", "expansion", "lora", "data.tokenizer", "train.mode",
          "train.trainable_layers")
 # Everything else (optimizer, batch, data, knowledge corpus, the dtypes the checkpoint is cast to) changes the
 # run, but continuing can be meaningful: allowed with --allow-change KEY.
