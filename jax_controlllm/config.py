@@ -168,8 +168,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass
 class LoraConfig:
     """Low-rank adapters on a frozen plain Llama (Hu et al. 2021; PEFT's conventions). The default targets every
-    attention and MLP projection: adapting only q and v learns markedly less new knowledge, and LoRA is here as
-    the baseline whose acquisition Control LLM is compared with."""
+    attention and MLP projection, not PEFT's q and v: LoRA is the baseline whose acquisition Control LLM is
+    compared with, so it gets its strongest common setting (QLoRA needed all linear layers to match full tuning)."""
     rank: int = 16
     alpha: float = 32.0                            # the update is scaled by alpha / rank
     targets: list = field(default_factory=lambda: list(LORA_TARGETS))

@@ -19,6 +19,8 @@ import numpy as np
 from jax_controlllm.config import LORA_TARGETS, ConfigError, LoraConfig, ModelConfig
 from jax_controlllm.model.params import init_leaves, param_specs
 
+__all__ = ["LoraConfig", "ADAPTER_LEAVES", "lora_update", "lora_config", "add_lora", "merge_lora"]
+
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
