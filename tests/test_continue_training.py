@@ -3,9 +3,10 @@ our release-format exports and our standalone checkpoints. The expansion comes f
 trainable set is a fresh expansion's (the release's for its checkpoints), and contradictions fail in one line."""
 import json
 
-import jax
 import numpy as np
 import pytest
+from reference import reference_dir
+from test_train_helpers import tiny_run_config, train_losses
 
 from jax_controlllm.checkpoint import save_model
 from jax_controlllm.config import ConfigError
@@ -14,8 +15,6 @@ from jax_controlllm.model.control import trainable_mask
 from jax_controlllm.sharding import make_mesh
 from jax_controlllm.train import EXIT_OK, build_trainer, create_run_dir, train_loop
 from jax_controlllm.train.setup import base_model_config, trained_model_config
-from reference import reference_dir
-from test_train_helpers import train_losses, tiny_run_config
 
 REF = reference_dir("controlllm")
 needs_ref = pytest.mark.skipif(not (REF / "concat_dlerp_mse").is_dir(), reason="shared/reference/controlllm missing")
@@ -39,7 +38,7 @@ def continue_three_steps(path, tmp_path, *overrides):
 
 
 @needs_ref
-@pytest.mark.parametrize("case", ["concat_dlerp_mse", "hybrid_dlerp_mse"])
+@pytest.mark.parametrize("case", ["concat_dlerp_mse", "hybrid_dlerp_mse", "stack"])
 def test_continues_from_a_release_checkpoint_with_the_release_trainable_set(case, tmp_path):
     trainer, _ = continue_three_steps(REF / case / "model", tmp_path)
     info = json.loads((REF / case / "case.json").read_text())

@@ -15,7 +15,7 @@ from jax_controlllm.model.params import init_params, unstack_blocks
 H, B, S = 8, 2, 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _initial_merge_params(method: str) -> dict:
     """The initial merge parameters of a one-layer controlled model (they do not depend on the loss settings)."""
     exp = ExpansionConfig("concat", 1, merge_method=method, layers=[0], freeze_interpolation_factor=False,

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.convert.gguf import MODEL_INPUT_NAMES, gguf_tokenizer_files, smollm2_gguf_path
+from jax_controlllm.convert.gguf import (
+    MODEL_INPUT_NAMES,
+    gguf_tokenizer_files,
+    smollm2_gguf_path,
+)
 from jax_controlllm.convert.hf import save_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -45,7 +48,7 @@ def name_model_inputs(tokenizer_config: Path) -> None:
         tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def export_hf(config: ModelConfig, params: dict, out_dir: str | Path, tokenizer: Optional[str | Path] = None,
+def export_hf(config: ModelConfig, params: dict, out_dir: str | Path, tokenizer: str | Path | None = None,
               **save_options) -> dict:
     """``save_hf`` (see there for ``dtype``, ``merge_back``, ``expanded_from``, ...) plus the tokenizer of
     ``tokenizer`` (a Hugging Face directory, a .gguf file or "smollm2"; None: weights only). Returns the
