@@ -144,7 +144,6 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
                 tokenizer: Optional[str] = None, dtype: Optional[str] = None, overwrite: bool = False,
                 atol: float = 1e-4, expanded_from: Optional[str] = None) -> dict:
     """Export one of our checkpoints as a Hugging Face directory, checked against our logits. Returns a report."""
-    from jax_controlllm.checkpoint import load_model
     from jax_controlllm.convert.hf import load_hf, save_hf
     from jax_controlllm.model.layout import controlled_indices
 
@@ -154,7 +153,7 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
         raise ExportError("--merge-back writes a plain Llama; drop --format release (or drop --merge-back)")
     stages = Stages(3)
     with stages(f"loading {ckpt}"):
-        config, params = load_model(ckpt)
+        config, params = _load_checkpoint(ckpt)
     controlled = controlled_indices(config)
     if merge_back and config.expansion is None:
         raise ExportError(f"--ckpt {ckpt} is a plain Llama; there is nothing to merge back: drop --merge-back")
@@ -186,6 +185,16 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
               f"mean {report['mean_abs_logit_drift']:.3g}, argmax agreement {report['argmax_agreement']:.1%}",
               file=sys.stderr)
     return report
+
+
+def _load_checkpoint(ckpt: str):
+    """load_model, with its errors about the path naming the flag it came from."""
+    from jax_controlllm.checkpoint import load_model
+    from jax_controlllm.config import ConfigError
+    try:
+        return load_model(ckpt)
+    except ConfigError as err:
+        raise ExportError(f"--ckpt {err}") from None
 
 
 def _float32(config):

@@ -210,7 +210,7 @@ def test_wrong_kind_of_input(tmp_path, plain, capsys):
     assert line.startswith("error: --ckpt") and "does not exist" in line and "base.path" not in line
     (tmp_path / "empty").mkdir()
     line = fails(capsys, "orbax-to-hf", "--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    assert "not a checkpoint" in line
+    assert line.startswith("error: --ckpt") and "not a checkpoint" in line
 
 
 def test_format_and_merge_back_mismatches(tmp_path, plain, capsys):
