@@ -318,31 +318,38 @@ def sealed_steps(directory: Path) -> list[int]:
 
 
 def set_aside_dirs(directory: Path) -> list[Path]:
-    """Step directories set aside by an earlier verification (``<step>.damaged``, ``<step>.incomplete``)."""
+    """Step directories set aside by an earlier verification (``<step>.damaged``, ``<step>.incomplete``,
+    ``.<n>`` appended on a repeat), by step."""
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.split(".")[0].isdigit()
-                   and len(p.name.split(".")) > 1 and p.name.split(".")[1] in SET_ASIDE),
-                  key=lambda p: (int(p.name.split(".")[0]), p.name))
+    found = [(step, p) for p in directory.iterdir() if p.is_dir() and (step := set_aside_step(p)) is not None]
+    return [p for _, p in sorted(found, key=lambda item: (item[0], item[1].name))]
+
+
+def set_aside_step(path: Path) -> Optional[int]:
+    """The step of a set-aside directory; None for any other name."""
+    step, _, state = path.name.partition(".")
+    return int(step) if step.isascii() and step.isdigit() and state.split(".")[0] in SET_ASIDE else None
 
 
 def set_aside_unusable(directory: Path) -> Optional[str]:
     """Verify the steps newest first until one is intact; rename the damaged or incomplete ones above it out of
     the way. Returns the line to print (None: the newest step was intact, or there is none). Raises
     CheckpointDamagedError if checkpoints exist but none is intact. Process 0 decides, the others follow."""
-    outcome = _set_aside(directory) if jax.process_index() == 0 else None
+    note, error = _set_aside(directory) if jax.process_index() == 0 else (None, None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        failed = multihost_utils.broadcast_one_to_all(np.array(isinstance(outcome, Exception)))
+        failed = bool(multihost_utils.broadcast_one_to_all(np.array(error is not None)))
         multihost_utils.sync_global_devices("checkpoints verified")
-        if bool(failed) and outcome is None:
-            raise CheckpointDamagedError(f"{directory}: no intact checkpoint (process 0 says which are damaged)")
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
+        if failed and error is None:
+            error = f"{directory}: no intact checkpoint (process 0 says which are damaged)"
+    if error is not None:
+        raise CheckpointDamagedError(error)
+    return note
 
 
-def _set_aside(directory: Path):
+def _set_aside(directory: Path) -> tuple[Optional[str], Optional[str]]:
+    """(the line saying what was set aside, or the error if nothing intact is left) on process 0."""
     moved, intact = [], None
     for step in reversed(steps_on_disk(directory)):
         verdict = verify(directory / str(step))
@@ -354,13 +361,13 @@ def _set_aside(directory: Path):
         moved.append(f"step {step} is {verdict.state} ({verdict.reason()}), set aside as {target.name}")
     if intact is None and (moved or set_aside_dirs(directory)):
         aside = ", ".join(p.name for p in set_aside_dirs(directory))
-        return CheckpointDamagedError(
-            f"no intact checkpoint in {directory}: {'; '.join(moved) + '; ' if moved else ''}kept aside: {aside}. "
-            f"Start a new run with another --out, or move {directory} away to start this run over")
+        return None, (f"no intact checkpoint in {directory}: {'; '.join(moved) + '; ' if moved else ''}kept "
+                      f"aside: {aside}. Start a new run with another --out, or move {directory} away to start this "
+                      f"run over")
     if not moved:
-        return None
+        return None, None
     return (f"checkpoint {'; '.join(moved)} (kept on disk); resuming from step {intact}, the newest intact "
-            f"checkpoint ({VERIFY_COMMAND} {directory.parent} lists them all)")
+            f"checkpoint ({VERIFY_COMMAND} {directory.parent} lists them all)"), None
 
 
 def _aside_name(directory: Path, step: int, state: str) -> Path:
