@@ -90,9 +90,9 @@ def _main(args: argparse.Namespace) -> int:
     from jax_controlllm.experiment import acquisition_retention_report, prepare_knowledge
     from jax_controlllm.sharding import make_mesh
     from jax_controlllm.train import (EXIT_BAD_INPUT, aot_memory_report, build_trainer, check_data_config,
-                                      create_run_dir, initialize_distributed, open_checkpoints, train_loop)
+                                      create_run_dir, hold_run_dir, initialize_distributed, open_checkpoints,
+                                      resume_report, train_loop)
     from jax_controlllm.train.errors import USER_ERRORS
-    from jax_controlllm.train.rundir import hold_run_dir, resume_report
 
     def say(line: str) -> None:
         if jax.process_index() == 0:
