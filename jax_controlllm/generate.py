@@ -441,12 +441,14 @@ def _tokenizer_of_run(path: str | Path):
     return None
 
 
-def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None, dtype: Optional[str] = "float32"):
-    """(config, params, tokenizer) for an HF directory, a .gguf file, ``"smollm2"`` or one of our checkpoints."""
+def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None, dtype: Optional[str] = "float32",
+                       where: str = "model"):
+    """(config, params, tokenizer) for an HF directory, a .gguf file, ``"smollm2"`` or one of our checkpoints;
+    errors about ``model`` name ``where`` (the CLIs pass their flag)."""
     from jax_controlllm.convert.auto import detect_format, load_pretrained
 
     step_dir = (Path(model) / "params").is_dir() and (Path(model) / "model_config").is_dir()
-    kind = "orbax" if step_dir else detect_format(model)   # is there a model at all?
+    kind = "orbax" if step_dir else detect_format(model, where)   # is there a model at all?
     source = tokenizer_source_for(model, tokenizer)         # fail on a missing tokenizer before loading weights
     config, params = load_pretrained(model, format=kind, dtype=dtype)
     return config, params, load_tokenizer(source)

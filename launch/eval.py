@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
 
     data = _read_inputs(args)                         # bad files fail before any model is loaded
     started = time.perf_counter()
-    config, params, tokenizer = _load(args.model, args.tokenizer, args.dtype, load_for_inference)
+    config, params, tokenizer = _load(args.model, args.tokenizer, args.dtype, load_for_inference, "--model")
     options = dict(batch_size=args.batch_size, progress=True)
     if args.task == "perplexity":
         batches = _text_batches(ev, tokenizer, data["docs"], args)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
                                              data.get("dev"), args.score, **options)
     else:
         base_config, base_params, _ = _load(args.base, args.tokenizer or _tokenizer_hint(args), args.dtype,
-                                            load_for_inference)
+                                            load_for_inference, "--base")
         batches = _text_batches(ev, tokenizer, data["docs"], args) if "docs" in data else None
         result = ev.retention_report(config, params, base_config, base_params, tokenizer, data["probes"], batches,
                                      **_probe_kwargs(args), **options)
@@ -117,10 +117,10 @@ def _read_inputs(args) -> dict:
     return data
 
 
-def _load(model, tokenizer, dtype, load_for_inference):
+def _load(model, tokenizer, dtype, load_for_inference, flag):
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    loaded = load_for_inference(model, tokenizer, dtype)
+    loaded = load_for_inference(model, tokenizer, dtype, flag)
     print(f"loaded {model} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return loaded
 

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).validate()
     start = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    config, params, tokenizer = load_for_inference(args.model, args.tokenizer, args.dtype)
+    config, params, tokenizer = load_for_inference(args.model, args.tokenizer, args.dtype, "--model")
     loaded = time.perf_counter()
     print(f"loaded in {loaded - start:.1f}s ({config.num_hidden_layers} blocks, "
           f"{'expanded' if config.expansion else 'plain'})", file=sys.stderr, flush=True)

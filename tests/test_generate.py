@@ -310,6 +310,14 @@ def test_cli_rejects_checkpoint_without_tokenizer(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_missing_model_names_the_flag(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "launch.generate", "--model", str(tmp_path / "nothing"), "hi"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--model" in line and "does not exist" in line and "base.path" not in line
+
+
 # ----------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (slow)
 # ----------------------------------------------------------------------------------------------
