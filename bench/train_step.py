@@ -67,7 +67,8 @@ SWEEP = [
 ]
 
 
-def run_config(args) -> "RunConfig":
+def run_config(args):
+    """The RunConfig of one sweep point."""
     from jax_controlllm.config import load_config
 
     preset = PRESETS[args.preset]

@@ -155,8 +155,9 @@ def mesh_axis_names(rank: int, axes: Optional[Sequence[str]] = None) -> tuple[st
     if axes is not None:
         names = tuple(str(a) for a in axes)
         if len(names) != rank:
+            example = ",".join(DEFAULT_AXES.get(rank, ("a",) * rank))
             raise MeshError(f"mesh axes {list(names)} name {len(names)} axes but the mesh has {rank} dimensions; "
-                            f"give one name per dimension (e.g. --mesh-axes {','.join(DEFAULT_AXES.get(rank, ('a',) * rank))})")
+                            f"give one name per dimension (e.g. --mesh-axes {example})")
         if len(set(names)) != rank:
             raise MeshError(f"mesh axes {list(names)}: names must be distinct")
         return names

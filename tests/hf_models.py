@@ -20,18 +20,24 @@ VARIANTS = {
 }
 
 
-def make_hf_llama(out_dir, seed: int = 0, **overrides):
-    """Save a random LlamaForCausalLM (fp32, safetensors) to ``out_dir``; return the torch model (eval mode)."""
+def random_hf_llama(seed: int = 0, **overrides):
+    """A random LlamaForCausalLM (fp32, eval mode) from BASE with ``overrides`` (any LlamaConfig field)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**BASE, **overrides}, attn_implementation="eager", initializer_range=0.05)
+    cfg = LlamaConfig(**{"attn_implementation": "eager", "initializer_range": 0.05, **BASE, **overrides})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norms and biases away from their trivial init, so they matter
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_hf_llama(out_dir, seed: int = 0, **overrides):
+    """Save a random LlamaForCausalLM (fp32, safetensors) to ``out_dir``; return the torch model (eval mode)."""
+    model = random_hf_llama(seed, **overrides)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
 

@@ -26,6 +26,7 @@ def test_flops_per_token_matches_the_peer_estimate():
     """W1's required work is about 43 GFLOP per token by the peer's count (peer_controlllm_h100.json)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import train_step
+
     from jax_controlllm.config import ExpansionConfig, ModelConfig
     from jax_controlllm.model.control import expanded_config
     from jax_controlllm.train.metrics import flops_per_token

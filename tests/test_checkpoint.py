@@ -1,5 +1,4 @@
 """Checkpoints: round trips, retention, atomicity under a crash, resharding restore, model exports."""
-import functools
 import json
 import subprocess
 import sys
@@ -8,22 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jax_controlllm.checkpoint import RunCheckpoints, load_model, model_config_from_json, model_config_to_json, \
-    save_model
-from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
-from jax_controlllm.model.control import expand, expanded_config
-from jax_controlllm.model.params import init_params
 from test_train_helpers import REPO, check, run_python, subprocess_env
 
+from jax_controlllm.checkpoint import (
+    RunCheckpoints,
+    load_model,
+    model_config_from_json,
+    model_config_to_json,
+    save_model,
+)
+from jax_controlllm.config import ConfigError, ExpansionConfig
 
-@functools.lru_cache(maxsize=1)
-def tiny_expanded():
-    base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+
+@pytest.fixture(scope="module")
+def tiny_expanded(tiny_model):
     exp = ExpansionConfig(expand_type="concat", num_exp_layers=1, merge_method="dlerp")
-    params = jax.jit(lambda key: init_params(base, key))(jax.random.key(0))
-    return expanded_config(base, exp), jax.jit(lambda p: expand(base, p, exp, jax.random.key(1))[1])(params)
+    return tiny_model(vocab_size=64, num_hidden_layers=2, expansion=exp)
 
 
 def assert_trees_equal(a, b):
@@ -31,15 +30,15 @@ def assert_trees_equal(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_model_config_json_round_trip_keeps_the_expansion():
-    config, _ = tiny_expanded()
+def test_model_config_json_round_trip_keeps_the_expansion(tiny_expanded):
+    config, _ = tiny_expanded
     back = model_config_from_json(json.loads(json.dumps(model_config_to_json(config))))
     assert back == config and isinstance(back.expansion, ExpansionConfig)
     assert back.expansion.num_ori_layers == 2
 
 
-def test_run_checkpoint_round_trip(tmp_path):
-    config, params = tiny_expanded()
+def test_run_checkpoint_round_trip(tmp_path, tiny_expanded):
+    config, params = tiny_expanded
     opt_state = {"mu": jax.tree.map(lambda x: x * 2, params), "count": jnp.int32(7)}
     ckpts = RunCheckpoints(tmp_path, keep_last=2)
     ckpts.save(3, params, opt_state, config, {"format": "synthetic/1", "batches": 3})
@@ -56,9 +55,9 @@ def test_run_checkpoint_round_trip(tmp_path):
     ckpts.close()
 
 
-def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
+def test_retention_keeps_the_last_n_and_every_kth(tmp_path, tiny_expanded):
     tree = {"w": jnp.arange(4.0)}
-    config, _ = tiny_expanded()
+    config, _ = tiny_expanded
     ckpts = RunCheckpoints(tmp_path, keep_last=2, keep_every=4)
     for step in range(1, 10):
         ckpts.save(step, tree, tree, config, {"batches": step})
@@ -67,8 +66,8 @@ def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
     assert on_disk == [4, 8, 9]
 
 
-def test_load_model_from_run_step_and_export(tmp_path):
-    config, params = tiny_expanded()
+def test_load_model_from_run_step_and_export(tmp_path, tiny_expanded):
+    config, params = tiny_expanded
     ckpts = RunCheckpoints(tmp_path / "run")
     for step in (1, 2):
         ckpts.save(step, jax.tree.map(lambda x, s=step: x * s, params), {"count": jnp.int32(step)}, config, {})

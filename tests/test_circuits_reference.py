@@ -3,14 +3,13 @@ own code: our EAP scores, names, valid mask, baseline metrics and top-n edge set
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import reference_dir
 
 from jax_controlllm.circuits import attribute, circuit_model, evaluate_circuit, full_circuit, hit_at_k, top_n_circuit
 from jax_controlllm.config import model_config_from_hf
-from reference import reference_dir
 
 CASE = reference_dir("circuits", "tiny_llama_mha")
 pytestmark = pytest.mark.skipif(not CASE.is_dir(), reason=f"reference case not found at {CASE}")
@@ -85,7 +84,8 @@ def test_batch_size_trap(case):
     one_batch = attribute(config, model, *args, method="EAP", batch_size=24, compute_batch_size=16)
     assert _rel(one_batch.matrix, expected["eap_scores"]) > 0.1
     per_item = attribute(config, model, *args, method="EAP", normalization="per_item", compute_batch_size=16)
-    np.testing.assert_allclose(per_item.matrix, one_batch.matrix * 24, rtol=1e-4, atol=1e-6 * np.abs(per_item.matrix).max())
+    np.testing.assert_allclose(per_item.matrix, one_batch.matrix * 24, rtol=1e-4,
+                               atol=1e-6 * np.abs(per_item.matrix).max())
 
 
 def test_eap_ig_with_one_step_is_eap(case):

@@ -6,8 +6,8 @@ import struct
 import jax
 import numpy as np
 import pytest
-
 from hf_models import make_hf_llama
+
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.convert import ConversionError, from_hf_tensors, load_hf, save_hf, to_hf_tensors
 from jax_controlllm.convert.safetensors_io import SafetensorsDir, SafetensorsError, read_header, save_file

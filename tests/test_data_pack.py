@@ -60,20 +60,16 @@ def test_packing_invariants(docs, seq_len, split_documents):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from jax_controlllm.config import ModelConfig
-    from jax_controlllm.model import init_params
-    config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    params = init_params(config, jax.random.PRNGKey(0))
+def sharp_model(tiny_model):
+    config, params = tiny_model(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                max_position_embeddings=64)
     # scale the std-0.02 init up so that attention is far from uniform and a leak would show
-    params = jax.tree.map(lambda x: x * 25.0 if x.ndim >= 2 else x, params)
-    return config, params
+    return config, jax.tree.map(lambda x: x * 25.0 if x.ndim >= 2 else x, params)
 
 
-def test_packed_logits_equal_each_document_alone(tiny_model):
+def test_packed_logits_equal_each_document_alone(sharp_model):
     from jax_controlllm.model import forward
-    config, params = tiny_model
+    config, params = sharp_model
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, config.vocab_size, size=n).tolist() for n in (7, 12, 3, 9)]
     seq = 40

@@ -8,9 +8,16 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (pip install 'gguf>=0.10')")
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the Hugging Face reference model")
 transformers = pytest.importorskip("transformers")
+from hf_models import random_hf_llama  # noqa: E402
 
-from jax_controlllm.convert.gguf import (GGUFError, gguf_model_config, gguf_to_hf, gguf_to_hf_dir,  # noqa: E402
-                                         load_gguf, smollm2_gguf_path)
+from jax_controlllm.convert.gguf import (  # noqa: E402
+    GGUFError,
+    gguf_model_config,
+    gguf_to_hf,
+    gguf_to_hf_dir,
+    load_gguf,
+    smollm2_gguf_path,
+)
 
 # --------------------------------------------------------------------------------------------
 # Writing synthetic GGUF files the way llama.cpp's convert_hf_to_gguf.py does
@@ -29,18 +36,10 @@ def tiny_vocab() -> list[str]:
 
 def tiny_llama(tie: bool, rope_scaling=None, seed: int = 0):
     """A random 2-layer GQA Llama (4 query heads, 2 key/value heads, so q and k permute differently)."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(tiny_vocab()), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=rope_scaling, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():   # norms init to ones; randomise them so a wrong mapping cannot hide
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model
+    return random_hf_llama(seed, vocab_size=len(tiny_vocab()), intermediate_size=96, num_key_value_heads=2,
+                           head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6, rope_scaling=rope_scaling,
+                           tie_word_embeddings=tie, initializer_range=0.02,
+                           attn_implementation=None)   # transformers' default, as in from_pretrained
 
 
 def permute_like_llama_cpp(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -7,10 +7,23 @@ import json
 import numpy as np
 import pytest
 
-from jax_controlllm.knowledge import (ATTRIBUTES, BOS_ID, QUERIES, CorpusConfig, EntityConfig, build_knowledge_dataset,
-                                      build_word_tokenizer, documents, generate_entities, load_entities,
-                                      long_tail_frequencies, make_prompt_pairs, queries, read_jsonl)
-from jax_controlllm.knowledge import words
+from jax_controlllm.knowledge import (
+    ATTRIBUTES,
+    BOS_ID,
+    QUERIES,
+    CorpusConfig,
+    EntityConfig,
+    build_knowledge_dataset,
+    build_word_tokenizer,
+    documents,
+    generate_entities,
+    load_entities,
+    long_tail_frequencies,
+    make_prompt_pairs,
+    queries,
+    read_jsonl,
+    words,
+)
 
 
 def test_entities_are_seeded_and_reproducible():

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from test_train_helpers import REPO, TINY, check, read_metrics, run_cli, subprocess_env, train_losses
 
 

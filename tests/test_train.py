@@ -6,18 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_helpers import paths, read_metrics, tiny_run_config
 
 from jax_controlllm.config import ConfigError
 from jax_controlllm.model.control import trainable_mask
 from jax_controlllm.model.params import init_params
 from jax_controlllm.sharding import make_mesh
-from jax_controlllm.train import (EXIT_NONFINITE, EXIT_OK, SyntheticTokens, build_trainer, combine,
-                                  create_run_dir, partition, train_loop, trained_model_config)
+from jax_controlllm.train import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    SyntheticTokens,
+    build_trainer,
+    combine,
+    create_run_dir,
+    partition,
+    train_loop,
+    trained_model_config,
+)
 from jax_controlllm.train.setup import base_model_config
 from jax_controlllm.train.state import learning_rate_schedule
 from jax_controlllm.train.step import loss_and_grads
-from test_train_helpers import paths, read_metrics, tiny_run_config
-
 
 # ----------------------------------------------------------------------------------------------
 # Pure pieces

@@ -3,10 +3,9 @@ import json
 
 import numpy as np
 import pytest
-
-from launch.train import main
 from test_train_helpers import TINY, check, read_metrics, run_cli, train_losses
 
+from launch.train import main
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem and the fix, no traceback, no run directory

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from test_train_helpers import REPO, subprocess_env
 
 from launch.tpu.pod import main as pod_main
-from test_train_helpers import REPO, subprocess_env
 
 RECIPE = REPO / "configs" / "llama3.1_8b_openmath2_concat16_dlerp.yaml"
 

@@ -56,8 +56,9 @@ class Graph:
                 first_src, first_dst = len(sources), len(destinations)
                 sources += [f"a{tag}.h{i}" for i in range(h)] + [f"m{tag}"]
                 destinations += [f"a{tag}.h{i}<{c}>" for c in "qkv" for i in range(h)] + [f"m{tag}"]
-                branches.append(BranchIndex(len(branches), layer, branch, slice(first_src, first_src + h), first_src + h,
-                                            slice(first_dst, first_dst + 3 * h), first_dst + 3 * h, prefix))
+                branches.append(BranchIndex(len(branches), layer, branch, slice(first_src, first_src + h),
+                                            first_src + h, slice(first_dst, first_dst + 3 * h), first_dst + 3 * h,
+                                            prefix))
         destinations.append("logits")
         object.__setattr__(self, "sources", tuple(sources))
         object.__setattr__(self, "destinations", tuple(destinations))

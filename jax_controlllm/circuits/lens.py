@@ -38,7 +38,8 @@ def _lens_step(config: ModelConfig, weights: dict, ids, last, target):
     return jnp.stack(probs, 1), jnp.stack(ranks, 1)
 
 
-def logit_lens(config, params, ids, target_ids, lengths=None, batch_size: int = 16, dtype: str = "float32") -> LogitLens:
+def logit_lens(config, params, ids, target_ids, lengths=None, batch_size: int = 16,
+               dtype: str = "float32") -> LogitLens:
     """Target probability and rank after each block for right-padded prompts ``ids`` [N, T]."""
     model = circuit_model(config, params, dtype)
     prompts = prepare(ids, None, target_ids, None, lengths, model.config.vocab_size)

@@ -19,13 +19,19 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
-from jax_controlllm.model.layout import Block, controlled_indices, layer_plan, segment_of, selected_layers
+from jax_controlllm.model.layout import controlled_indices, layer_plan, selected_layers
 from jax_controlllm.model.llama import Context, decoder_layer
-from jax_controlllm.model.params import (ParamSpec, _init_leaf, _is_spec, abstract_params, merge_specs,
-                                         param_specs, spec_trainable, stack_blocks, unstack_blocks)
+from jax_controlllm.model.params import (
+    _init_leaf,
+    _is_spec,
+    abstract_params,
+    merge_specs,
+    spec_trainable,
+    stack_blocks,
+    unstack_blocks,
+)
 
 __all__ = ["ExpansionConfig", "expand", "trainable_mask", "layer_plan", "selected_layers", "controlled_layer",
            "controlled_indices", "merge_weight", "merge_coefficients", "expanded_norm_relax", "merge_branches",

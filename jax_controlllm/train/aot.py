@@ -55,7 +55,8 @@ class MemoryReport:
                  f"  parameters: {self.trainable_params / 1e9:.3f}B trainable, {self.frozen_params / 1e9:.3f}B frozen",
                  "  per device:",
                  f"    arguments       {g(self.argument_bytes)}   (params, optimizer state, batch)",
-                 f"    outputs         {g(self.output_bytes)}   ({g(self.alias_bytes).strip()} aliased to donated inputs)",
+                 f"    outputs         {g(self.output_bytes)}   "
+                 f"({g(self.alias_bytes).strip()} aliased to donated inputs)",
                  f"    temporaries     {g(self.temp_bytes)}   (activations, gradients, collectives)",
                  f"    generated code  {g(self.code_bytes)}",
                  f"    peak            {g(self.peak_bytes)}"]

@@ -24,10 +24,22 @@ from jax_controlllm.model.layout import selected_layers
 from jax_controlllm.model.lora import add_lora, lora_config, merge_lora
 from jax_controlllm.model.params import abstract_params, init_params, relayout
 from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules, param_shardings
-from jax_controlllm.train.state import (TrainState, count_params, learning_rate_schedule, make_optimizer,
-                                        new_state, partition)
-from jax_controlllm.train.step import (TrainShardings, eval_step_fn, jit_eval_step, jit_train_step,
-                                       train_shardings, train_step_fn)
+from jax_controlllm.train.state import (
+    TrainState,
+    count_params,
+    learning_rate_schedule,
+    make_optimizer,
+    new_state,
+    partition,
+)
+from jax_controlllm.train.step import (
+    TrainShardings,
+    eval_step_fn,
+    jit_eval_step,
+    jit_train_step,
+    train_shardings,
+    train_step_fn,
+)
 
 # ModelConfig fields that are runtime policy: always taken from the run config, also for a base model.
 RUNTIME_FIELDS = ("param_dtype", "frozen_dtype", "compute_dtype", "remat", "attention_impl", "scan_layers",
@@ -119,7 +131,7 @@ def base_model_config(run: RunConfig) -> ModelConfig:
 
 
 def _read_base_config(path: str, fmt: str) -> ModelConfig:
-    from jax_controlllm.convert.auto import detect_format, load_pretrained
+    from jax_controlllm.convert.auto import detect_format
     kind = detect_format(path) if fmt == "auto" else fmt
     if kind == "hf":
         from jax_controlllm.convert.hf import config_from_hf_dict

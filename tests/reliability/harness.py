@@ -249,8 +249,9 @@ def newest_step(run_dir: Path) -> Optional[int]:
 def check_checkpoint(run_dir: Path, step: int) -> dict:
     """Read checkpoint ``step`` back independently of the trainer: finite parameters of the recorded config and
     a data position that matches the step (the synthetic source consumes one batch per step)."""
-    from jax_controlllm.checkpoint import load_model
     import jax
+
+    from jax_controlllm.checkpoint import load_model
 
     step_dir = checkpoint_dir(run_dir) / str(step)
     config, params = load_model(step_dir, as_numpy=True)

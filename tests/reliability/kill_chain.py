@@ -7,9 +7,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from harness import (EXIT_PREEMPTED, STEPS, Trial, check_checkpoint, complete_steps, final_params,
-                     interrupted_saves, loss_records, run_to_end, run_trial, same_params, trial_kinds)
+from harness import (
+    EXIT_PREEMPTED,
+    STEPS,
+    Trial,
+    check_checkpoint,
+    complete_steps,
+    final_params,
+    interrupted_saves,
+    loss_records,
+    run_to_end,
+    run_trial,
+    same_params,
+    trial_kinds,
+)
 
 SIGTERM_EXIT_BOUND_S = 60.0      # generous for a loaded CI machine; about one second on an idle one
 MAX_REDONE_STEPS = 2             # save_every=1: the steps since the newest checkpoint, one save being in flight

@@ -87,6 +87,7 @@ def test_a_symbolic_link_as_the_checkpoints_directory_is_refused(tmp_path, outsi
 
 def test_the_cli_reports_a_link_in_one_line(tmp_path, outside, capsys):
     from harness import TINY
+
     from launch.train import main
 
     run_dir = tmp_path / "run"

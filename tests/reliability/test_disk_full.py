@@ -9,9 +9,21 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from harness import (
+    EXIT_CHECKPOINT_FAILED,
+    EXIT_PREEMPTED,
+    REPO,
+    STEPS,
+    check_checkpoint,
+    complete_steps,
+    file_size_limit,
+    interrupted_saves,
+    loss_records,
+    run_to_end,
+    subprocess_env,
+    train_command,
+)
 
-from harness import (EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, REPO, STEPS, check_checkpoint, complete_steps,
-                     file_size_limit, interrupted_saves, loss_records, run_to_end, subprocess_env, train_command)
 from jax_controlllm.checkpoint import CheckpointWriteError, RunCheckpoints
 from jax_controlllm.config import ModelConfig
 

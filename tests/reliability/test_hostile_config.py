@@ -7,10 +7,10 @@ import typing
 
 import pytest
 import yaml
+from harness import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import TINY
 from jax_controlllm.config import ConfigError, RunConfig, _unwrap_optional, load_config
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])

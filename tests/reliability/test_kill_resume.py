@@ -13,7 +13,6 @@ and in the end every loss any start logged equals the uninterrupted reference's 
 and so do the final weights.
 """
 import pytest
-
 from kill_chain import run_chain
 
 TRIALS = {"kill9-training": 9, "kill9-mid-save": 8, "kill9-startup": 3, "sigterm-mid-save": 1,

@@ -3,9 +3,17 @@
 import math
 
 import pytest
-
-from harness import (EXIT_NONFINITE, EXIT_PREEMPTED, STEPS, check_checkpoint, complete_steps, final_params,
-                     read_metrics, run_to_end, same_params)
+from harness import (
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    STEPS,
+    check_checkpoint,
+    complete_steps,
+    final_params,
+    read_metrics,
+    run_to_end,
+    same_params,
+)
 
 pytestmark = pytest.mark.slow
 NAN_STEP = 5
