@@ -31,7 +31,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from host import cpu_model  # noqa: E402  (bench/host.py: run as python bench/data_throughput.py)
-from jax_controlllm.data import DataConfig, load_tokenizer, make_data_iterator  # noqa: E402
+
+from jax_controlllm.data import DataConfig, make_data_iterator  # noqa: E402
+from jax_controlllm.tokenizer import load_tokenizer  # noqa: E402
 
 DOC_CHARS = 2000
 

@@ -202,9 +202,8 @@ def main(argv=None) -> int:
     from jax_controlllm.checkpoint import load_model
     from jax_controlllm.config import load_config
     from jax_controlllm.convert.auto import load_pretrained
-    from jax_controlllm.data import load_tokenizer
     from jax_controlllm.experiment import ReportSpec, evaluate_pair, report_spec
-    from jax_controlllm.train.data import tokenizer_source
+    from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 
     base_yaml, shared, methods = method_configs(args.config)
     chosen = args.methods or list(methods)
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
 
     def score(name, run, run_dir, model_path, described, train_s, step) -> dict:
         config, params = load_model(model_path)
-        tokenizer = load_tokenizer(tokenizer_source(run, run_dir))
+        tokenizer = load_tokenizer(run_tokenizer_source(run, run_dir))
         start = time.time()
         spec = dataclasses.replace(report_spec(run) or ReportSpec(), export_hf=False)
         report = evaluate_pair(*base_model, config, params, tokenizer, run_dir, spec, progress=False,

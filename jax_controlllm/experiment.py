@@ -10,7 +10,6 @@ and the mean KL of next-token distributions from the base on plain text.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -156,15 +155,14 @@ def acquisition_retention_report(run: RunConfig, run_dir: str | Path, progress: 
         return None
     from jax_controlllm.checkpoint import load_model
     from jax_controlllm.convert.auto import load_pretrained
-    from jax_controlllm.data import load_tokenizer
-    from jax_controlllm.train.data import tokenizer_source
+    from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 
     run_dir = Path(run_dir)
     start = time.time()
     policy = {k: getattr(run.model, k) for k in ("param_dtype", "frozen_dtype", "compute_dtype")}
     base_config, base_params = load_pretrained(run.base.path, run.base.format, **policy)
     config, params = load_model(run_dir)
-    tokenizer = load_tokenizer(tokenizer_source(run, run_dir))
+    tokenizer = load_tokenizer(run_tokenizer_source(run, run_dir))
     report = evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir, spec, progress)
     if spec.export_hf:
         from jax_controlllm.convert.export import export_hf

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_controlllm.buckets import batch_bucket, round_up
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.layout import segment_of
+from jax_controlllm.model.layout import block_groups
 from jax_controlllm.model.llama import Context, apply_blocks, embed, logits_from_hidden, rms_norm, rope_tables
-from jax_controlllm.model.params import block_key, segment_key
+from jax_controlllm.model.params import block_key, group_key
+from jax_controlllm.tokenizer import (
+    chat_prompt,
+    encode,
+    eos_ids_of,
+    load_tokenizer,
+    pad_id_of,
+    tokenizer_source_for,
+)
 
 
 class GenerationError(ValueError):
@@ -113,11 +121,11 @@ def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     cache = {}
-    for i, seg in enumerate(segment_of(config)):
-        cache[segment_key(i)] = {
-            block_key(j): kv(seg.repeats) if block.kind == "llama"
-            else {"pretrained_layer": kv(seg.repeats), "expanded_layer": kv(seg.repeats)}
-            for j, block in enumerate(seg.pattern)}
+    for i, group in enumerate(block_groups(config)):
+        cache[group_key(i)] = {
+            block_key(j): kv(group.repeats) if block.kind == "llama"
+            else {"pretrained_layer": kv(group.repeats), "expanded_layer": kv(group.repeats)}
+            for j, block in enumerate(group.pattern)}
     return cache
 
 
@@ -170,22 +178,6 @@ class Generated:
     finish_reason: str         # "eos" | "stop" (on_token asked to stop) | "length"
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
-def _batch_bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def eos_ids_of(config: ModelConfig, tokenizer=None) -> tuple[int, ...]:
-    """Every id that ends a generation: the model config's eos_token_id (int or list) and the tokenizer's."""
-    ids = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids = list(ids) + [tokenizer.eos_token_id]
-    return tuple(sorted({int(i) for i in ids if i is not None}))
-
-
 def generate_ids(config: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (), pad_id: int = 0,
                  on_token: Optional[Callable[[int, int], bool]] = None) -> list[Generated]:
@@ -207,8 +199,8 @@ def generate_ids(config: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     if longest + max_new_tokens > config.max_position_embeddings:
         warnings.warn(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                       f"max_position_embeddings ({config.max_position_embeddings}); quality may degrade")
-    batch, prompt_len = _batch_bucket(len(rows)), _round_up(longest, 16)
-    cache_len = _round_up(prompt_len + max_new_tokens, 64)
+    batch, prompt_len = batch_bucket(len(rows)), round_up(longest, 16)
+    cache_len = round_up(prompt_len + max_new_tokens, 64)
     ids = np.full((batch, prompt_len), pad_id, np.int32)
     valid = np.zeros((batch, prompt_len), bool)
     for i, row in enumerate(rows):
@@ -285,21 +277,6 @@ class TextStream:
         return delta
 
 
-def chat_prompt(tokenizer, user: str, system: Optional[str] = None) -> str:
-    """The tokenizer's chat template applied to one user turn, ready for the assistant's reply."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError("the tokenizer has no chat template (a base model?); drop --chat / chat=True, "
-                              "or use a tokenizer directory whose tokenizer_config.json has a chat_template")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode(tokenizer, text: str, templated: bool = False) -> list[int]:
-    """Token ids of ``text``. Plain text gets the tokenizer's own special tokens (e.g. BOS); a chat-templated
-    string already spells them out, so none are added."""
-    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-
-
 @dataclass
 class Completion:
     prompt: str
@@ -319,7 +296,7 @@ def generate_text(config: ModelConfig, params: dict, tokenizer, prompts: Sequenc
     for i, text in enumerate(texts):
         if not text:
             raise GenerationError(f"prompt {i} is empty; give some text to continue (or use chat=True)")
-    eos, pad = eos_ids_of(config, tokenizer), _pad_id(config, tokenizer)
+    eos, pad = eos_ids_of(config, tokenizer), pad_id_of(config, tokenizer)
     results: list[Completion] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
@@ -342,104 +319,9 @@ def generate_text(config: ModelConfig, params: dict, tokenizer, prompts: Sequenc
     return results
 
 
-def _pad_id(config: ModelConfig, tokenizer=None) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), config.pad_token_id, *eos_ids_of(config), 0):
-        if candidate is not None and 0 <= int(candidate) < config.vocab_size:
-            return int(candidate)
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading a model and its tokenizer
 # ----------------------------------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-
-
-def find_tokenizer_dir(model_path: str | Path) -> Optional[Path]:
-    """A tokenizer saved with (or beside) a model or checkpoint: the directory itself, its ``tokenizer/``
-    subdirectory, or the same in its parent and grandparent (a run directory holding ``checkpoints/N``)."""
-    path = Path(model_path)
-    for folder in (path, *list(path.parents)[:2]):
-        for candidate in (folder, folder / "tokenizer"):
-            if _has_tokenizer(candidate):
-                return candidate
-    return None
-
-
-def gguf_metadata(path: str | Path) -> dict:
-    """Key/value metadata of a GGUF file, without reading its tensors."""
-    from gguf import GGUFReader
-    reader = GGUFReader(Path(path), "r")
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def load_tokenizer(source: str | Path):
-    """A Hugging Face fast tokenizer from a model directory, a .gguf file or ``"smollm2"``."""
-    if str(source) == "smollm2" or str(source).endswith(".gguf"):
-        from jax_controlllm.convert.gguf import smollm2_gguf_path, tokenizer_files
-        path = smollm2_gguf_path() if str(source) == "smollm2" else Path(source)
-        if not path.is_file():
-            raise GenerationError(f"tokenizer source {path} does not exist")
-        folder = Path(tempfile.mkdtemp(prefix="jcl-tokenizer-"))
-        for name, text in tokenizer_files(gguf_metadata(path), path).items():
-            (folder / name).write_text(text, encoding="utf-8")
-        return _auto_tokenizer(folder)
-    path = Path(source)
-    if not _has_tokenizer(path):
-        raise GenerationError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model); give a Hugging Face "
-                              "model directory, a .gguf file or 'smollm2'")
-    return _auto_tokenizer(path)
-
-
-def _auto_tokenizer(folder: Path):
-    """AutoTokenizer, quietly: it also reads config.json and warns about model types it does not know
-    (our release-format exports say causallmexpansion)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(str(folder))
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def tokenizer_source_for(model: str | Path, tokenizer: Optional[str | Path] = None):
-    """Where the tokenizer for ``model`` comes from: an explicit source, the GGUF file / HF directory itself,
-    or a tokenizer saved beside one of our checkpoints."""
-    if tokenizer is not None:
-        return tokenizer
-    if str(model) == "smollm2" or str(model).endswith(".gguf"):
-        return model
-    found = find_tokenizer_dir(model) or _tokenizer_of_run(model)
-    if found is None:
-        raise GenerationError(f"no tokenizer found in or beside {model}; pass --tokenizer (tokenizer=) with a "
-                              "Hugging Face model directory, a .gguf file or 'smollm2'")
-    return found
-
-
-def _tokenizer_of_run(path: str | Path):
-    """For a training run (or one of its checkpoints) whose base model has the tokenizer: the run's
-    ``config.yaml`` names it as data.tokenizer or base.path."""
-    import yaml
-    path = Path(path)
-    for folder in (path, *list(path.parents)[:2]):
-        if (folder / "config.yaml").is_file():
-            run = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-            base = (run.get("base") or {}).get("path")
-            source = (run.get("data") or {}).get("tokenizer") or base
-            if source and (str(source) == "smollm2" or str(source).endswith(".gguf") or _has_tokenizer(Path(source))):
-                return source
-    return None
-
 
 def load_for_inference(model: str | Path, tokenizer: Optional[str | Path] = None, dtype: Optional[str] = "float32",
                        where: str = "model"):

@@ -78,21 +78,6 @@ def parse_corpus_args(argv) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_tokenizer(path):
-    """A tokenizer file, a tokenizer/HF directory, a training run directory (its tokenizer/), a .gguf file or
-    ``smollm2`` (the base model's)."""
-    if str(path) == "smollm2" or str(path).endswith(".gguf"):
-        from jax_controlllm.generate import load_tokenizer as gguf_tokenizer
-        return gguf_tokenizer(path)
-    path = Path(path)
-    candidates = [path] if not path.is_dir() else [path / "tokenizer.json", path / "tokenizer" / "tokenizer.json"]
-    file = next((c for c in candidates if c.is_file()), candidates[0])
-    if file.is_file():
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(file))
-    raise ConfigError(f"no tokenizer.json at {path}; pass --tokenizer with a tokenizer directory or file")
-
-
 def corpus_command(argv) -> int:
     from jax_controlllm.knowledge import CorpusConfig, EntityConfig, build_knowledge_dataset
     args = parse_corpus_args(argv)
@@ -109,11 +94,12 @@ def evolve_command(argv) -> int:
     from jax_controlllm.circuits.evolution import EvolutionSettings, analyze_evolution
     from jax_controlllm.circuits.plots import plot_evolution
     from jax_controlllm.knowledge import load_entities, make_prompt_pairs
+    from jax_controlllm.tokenizer import load_tokenizer, tokenizer_source_for
 
     args = parse_evolve_args(argv)
     refs = checkpoint_refs(args.checkpoints, args.dtype)
     entities = [e for e in load_entities(args.entities) if args.kind in ("all", e.kind)]
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoints[0])
+    tokenizer = load_tokenizer(tokenizer_source_for(args.tokenizer or args.checkpoints[0]))
     settings = EvolutionSettings(top_n=args.top_n, curve=tuple(args.curve), method=args.method,
                                  ig_steps=args.ig_steps, batch_size=args.batch_size, hit_k=args.hit_k,
                                  dtype=args.dtype)

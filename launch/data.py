@@ -35,8 +35,8 @@ def _settings(args, scratch: Path) -> tuple[DataConfig, dict]:
         data = DataConfig.from_dict(run.data)
         train = {"batch_size": run.train.batch_size, "seq_len": run.train.seq_len, "seed": run.train.seed}
         if tokenizer is None:                              # as training does: data.tokenizer, else the base model's
-            from jax_controlllm.train.data import tokenizer_source
-            tokenizer = tokenizer_source(run, scratch)
+            from jax_controlllm.tokenizer import run_tokenizer_source
+            tokenizer = run_tokenizer_source(run, scratch)
     for key in ("batch_size", "seq_len", "seed"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)

@@ -127,11 +127,11 @@ def _load(model, tokenizer, dtype, load_for_inference, flag):
 
 def _tokenizer_hint(args):
     """The base model loads its own tokenizer when it has one; otherwise it shares the model's source."""
-    from jax_controlllm.generate import GenerationError, tokenizer_source_for
+    from jax_controlllm.tokenizer import TokenizerError, tokenizer_source_for
     try:
         tokenizer_source_for(args.base)
         return None
-    except GenerationError:
+    except TokenizerError:
         return tokenizer_source_for(args.model)
 
 

@@ -7,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import reference_dir
 
-from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig, MERGE_METHODS
+from jax_controlllm.config import MERGE_METHODS, ConfigError, ExpansionConfig, ModelConfig
 from jax_controlllm.convert import load_hf, save_hf, to_hf_tensors
 from jax_controlllm.convert.safetensors_io import SafetensorsDir
 from jax_controlllm.losses import controlllm_loss
-from jax_controlllm.model import forward, init_params, segment_of
+from jax_controlllm.model import block_groups, forward, init_params
 from jax_controlllm.model.control import expand, trainable_mask
 from jax_controlllm.model.layout import selected_layers
-from reference import reference_dir
 
 REF = reference_dir("controlllm")
 CASES = sorted(p.name for p in REF.iterdir() if (p / "base").is_dir()) if REF.is_dir() else []
@@ -137,7 +137,7 @@ def test_every_kth_layer_controlled_compiles_as_a_scan_over_groups():
                              num_attention_heads=2)
         from jax_controlllm.model.control import expanded_config
         config2 = expanded_config(config, ExpansionConfig("concat", layers // 4))
-        segs = segment_of(config2)
+        segs = block_groups(config2)
         structures.append([(len(s.pattern), s.repeats * 4 // layers) for s in segs if s.repeats > 1])
         assert sum(len(s.pattern) for s in segs) <= 6 and len(segs) <= 3
     # the frozen prefix (layers 0-2) is its own segment: it needs no backward pass

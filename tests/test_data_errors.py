@@ -11,7 +11,7 @@ from jax_controlllm.data.testing import build_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from jax_controlllm.data import load_tokenizer
+    from jax_controlllm.tokenizer import load_tokenizer
     return load_tokenizer(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 

@@ -12,7 +12,7 @@ KEYS = ("input_ids", "labels", "segment_ids", "positions")
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from jax_controlllm.data import load_tokenizer
+    from jax_controlllm.tokenizer import load_tokenizer
     return load_tokenizer(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
@@ -127,7 +127,7 @@ def test_global_batch_must_divide_over_processes(corpus, tokenizer):
 
 
 def test_bos_and_document_end_follow_the_tokenizer_family(corpus, tmp_path):
-    from jax_controlllm.data import load_tokenizer
+    from jax_controlllm.tokenizer import load_tokenizer
     llama_like = load_tokenizer(build_tiny_tokenizer(tmp_path / "bos", add_bos=True))
     batch = next(make_data_iterator(pretrain(corpus, shuffle=False), llama_like, 1, 512, seed=0))
     ids, seg = batch["input_ids"][0], batch["segment_ids"][0]

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from jax_controlllm.data import DataConfig, DataError, load_tokenizer, make_data_iterator
+from jax_controlllm.data import DataConfig, DataError, make_data_iterator
 from jax_controlllm.data.report import scored_mask
 from jax_controlllm.data.testing import build_tiny_tokenizer
+from jax_controlllm.tokenizer import load_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"},
@@ -36,7 +37,8 @@ def trained_texts(tokenizer, batch) -> list[list[str]]:
             if flag:
                 current.append(int(batch["input_ids"][r, t]))
             elif current:
-                runs.append(tokenizer.decode(current)); current = []
+                runs.append(tokenizer.decode(current))
+                current = []
         if current:
             runs.append(tokenizer.decode(current))
         out.append(runs)

@@ -15,7 +15,7 @@ DOCS = [f"document {i}: " + " ".join(["hello world", "the quick brown fox", "ans
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from jax_controlllm.data import load_tokenizer
+    from jax_controlllm.tokenizer import load_tokenizer
     return load_tokenizer(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
@@ -60,6 +60,7 @@ def test_jsonl_parquet_text_and_save_to_disk_give_the_same_batches(corpus, token
 
 def test_tfds_array_record_dataset_reads_through_the_pipeline(corpus, tokenizer, tmp_path):
     import tensorflow_datasets as tfds
+
     from jax_controlllm.data.prepare import prepare_tfds
     summary = prepare_tfds([str(corpus / "*.jsonl")], "toy_corpus", str(tmp_path), eval_fraction=0.1)
     assert summary["splits"] == {"train": {"written": 36, "skipped": 0}, "validation": {"written": 4, "skipped": 0}}

@@ -11,7 +11,7 @@ import pytest
 
 from jax_controlllm import evaluate as ev
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.evaluate import ChoiceQuestion, EvalInputError, Probe
+from jax_controlllm.evaluate import ChoiceQuestion, EvalInputError, Probe, scoring
 from jax_controlllm.generate import generate_text
 from jax_controlllm.model import forward, init_params
 
@@ -352,9 +352,9 @@ def test_kl_over_chunks_equals_unchunked(model, monkeypatch):
     mask = np.ones_like(ids)
     mask[0, 33:] = 0
     whole = ev.kl_from_base(config, other, config, params, [{"input_ids": ids, "attention_mask": mask}])
-    monkeypatch.setattr(ev, "SCORE_CHUNK", 16)
-    ev._kl_sum.clear_cache()
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 16)
+    scoring.kl_sum.clear_cache()
     chunked = ev.kl_from_base(config, other, config, params, [{"input_ids": ids, "attention_mask": mask}])
-    ev._kl_sum.clear_cache()
+    scoring.kl_sum.clear_cache()
     assert chunked["tokens"] == whole["tokens"] == 73
     assert chunked["kl"] == pytest.approx(whole["kl"], rel=1e-5)

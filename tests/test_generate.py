@@ -8,20 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_controlllm.config import ExpansionConfig, ModelConfig
-from jax_controlllm.generate import (GenerationError, Sampling, Static, TextStream, chat_prompt, generate_ids,
-                                     generate_text, init_cache, sample_next)
-from jax_controlllm.model import forward, init_params
+from jax_controlllm.config import ExpansionConfig
+from jax_controlllm.generate import (
+    GenerationError,
+    Sampling,
+    Static,
+    TextStream,
+    generate_ids,
+    generate_text,
+    init_cache,
+    sample_next,
+)
+from jax_controlllm.model import forward
 from jax_controlllm.model.control import expand
+from jax_controlllm.tokenizer import TokenizerError, chat_prompt
 
 VOCAB = 101
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=None,
-                bos_token_id=None)
-    return ModelConfig(**{**base, **overrides})
+# the shared tiny model with this file's vocabulary, no special tokens
+GENERATE_MODEL = dict(vocab_size=VOCAB, rms_norm_eps=1e-6, eos_token_id=None, bos_token_id=None)
 
 
 def sharpened(params, scale: float = 4.0):
@@ -70,9 +76,9 @@ def mixed_prompts(seed: int = 0, lengths=(5, 1, 17, 9)):
 
 
 @pytest.fixture(scope="module")
-def plain():
-    config = tiny_config()
-    return config, sharpened(init_params(config, jax.random.PRNGKey(0)))
+def plain(tiny_model):
+    config, params = tiny_model(**GENERATE_MODEL)
+    return config, sharpened(params)
 
 
 def expanded(plain, **expansion):
@@ -249,9 +255,9 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_model(tokenizer):
-    config = tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    return config, init_params(config, jax.random.PRNGKey(2))
+def text_model(tokenizer, tiny_model):
+    return tiny_model(seed=2, **{**GENERATE_MODEL, "vocab_size": len(tokenizer),
+                                 "eos_token_id": tokenizer.eos_token_id})
 
 
 def test_generate_text_streams_what_it_returns(tokenizer, text_model):
@@ -281,7 +287,7 @@ def test_chat_prompt_uses_template_and_errors_without_one(tokenizer, tmp_path):
 
     from jax_controlllm.data.testing import build_tiny_tokenizer
     base = AutoTokenizer.from_pretrained(str(build_tiny_tokenizer(tmp_path / "base", chat_template=False)))
-    with pytest.raises(GenerationError, match="no chat template"):
+    with pytest.raises(TokenizerError, match="no chat template"):
         chat_prompt(base, "hello")
 
 

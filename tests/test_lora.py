@@ -56,7 +56,7 @@ def _adapted(base, **lora):
 def test_zero_initialised_lora_reproduces_the_base_exactly(base):
     config, params = base
     lora_config, lora_params = _adapted(base)
-    q = lora_params["layers"]["seg_0"]["block_0"]["self_attn"]["q_proj"]
+    q = lora_params["layers"]["group_0"]["block_0"]["self_attn"]["q_proj"]
     assert q["lora_a"].shape == (4, 64, 4) and q["lora_b"].shape == (4, 4, 64)
     assert not np.any(np.asarray(q["lora_b"])) and np.any(np.asarray(q["lora_a"]))
     bound = 1 / np.sqrt(64)   # PEFT's A: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
@@ -84,9 +84,9 @@ def test_lora_gradients_follow_from_the_kernel_gradient_of_the_merged_model(base
     g_plain = jax.grad(lambda p: controlllm_loss(plain_config, p, batch)["total"])(merged)
     s = lora_config.lora.scale
     for module, name in (("self_attn", "v_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
-        adapter = lora_params["layers"]["seg_0"]["block_0"][module][name]
-        got = g_lora["layers"]["seg_0"]["block_0"][module][name]
-        g_w = np.asarray(g_plain["layers"]["seg_0"]["block_0"][module][name]["kernel"], np.float64)
+        adapter = lora_params["layers"]["group_0"]["block_0"][module][name]
+        got = g_lora["layers"]["group_0"]["block_0"][module][name]
+        g_w = np.asarray(g_plain["layers"]["group_0"]["block_0"][module][name]["kernel"], np.float64)
         a, b = np.asarray(adapter["lora_a"], np.float64), np.asarray(adapter["lora_b"], np.float64)
         want_a = s * np.einsum("lio,lro->lir", g_w, b)
         want_b = s * np.einsum("lir,lio->lro", a, g_w)
@@ -115,7 +115,7 @@ def test_dropout_only_with_a_key_and_deterministic_given_it(base):
 def test_lora_leaves_shard_by_their_logical_axes(base):
     lora_config, _ = _adapted(base)
     from jax_controlllm.model import param_specs
-    q = param_specs(lora_config)["layers"]["seg_0"]["block_0"]["self_attn"]["q_proj"]
+    q = param_specs(lora_config)["layers"]["group_0"]["block_0"]["self_attn"]["q_proj"]
     mesh = {"fsdp": 2, "tensor": 2}
     a = logical_to_spec(q["lora_a"].logical_axes, DEFAULT_RULES, mesh, q["lora_a"].shape, mesh)
     b = logical_to_spec(q["lora_b"].logical_axes, DEFAULT_RULES, mesh, q["lora_b"].shape, mesh)
@@ -254,7 +254,7 @@ def test_merged_export_matches_the_unmerged_forward_in_transformers(base, tmp_pa
     assert np.abs(want - np.asarray(forward(*base, IDS))).max() > 0.1          # the adapters matter
     np.testing.assert_allclose(hf_logits(model, IDS), want, atol=2e-4)
     # and the HF orientation is weight[out, in] + (alpha / r) B_peft A_peft with A_peft = lora_a^T, B_peft = lora_b^T
-    gate = params["layers"]["seg_0"]["block_0"]["mlp"]["gate_proj"]
+    gate = params["layers"]["group_0"]["block_0"]["mlp"]["gate_proj"]
     a, b, w = (np.asarray(gate[k][1], np.float64) for k in ("lora_a", "lora_b", "kernel"))
     torch_weight = model.model.layers[1].mlp.gate_proj.weight.detach().numpy()
     np.testing.assert_allclose(torch_weight, w.T + lora_config.lora.scale * b.T @ a.T, atol=1e-6)

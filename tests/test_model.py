@@ -2,11 +2,11 @@
 import jax
 import numpy as np
 import pytest
-
 from hf_models import VARIANTS, hf_logits, make_hf_llama
+
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.convert import load_hf
-from jax_controlllm.model import forward, init_params, segment_of
+from jax_controlllm.model import block_groups, forward, init_params
 from jax_controlllm.model.llama import rope_inv_freq
 
 torch = pytest.importorskip("torch")
@@ -43,14 +43,8 @@ def test_llama3_inv_freq_matches_transformers():
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
 
 
-def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256)
-    return ModelConfig(**{**base, **kw})
-
-
-def test_segment_ids_keep_documents_apart():
-    config = tiny()
+def test_segment_ids_keep_documents_apart(tiny_config):
+    config = tiny_config()
     params = init_params(config, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 128, 10), rng.integers(0, 128, 6)
@@ -64,9 +58,9 @@ def test_segment_ids_keep_documents_apart():
     np.testing.assert_allclose(out[0, 10:], alone_b[0], atol=1e-5)
 
 
-def test_scan_and_unrolled_agree_and_scan_is_one_segment():
-    config = tiny(num_hidden_layers=6)
-    assert [(s.repeats, len(s.pattern)) for s in segment_of(config)] == [(6, 1)]
+def test_scan_and_unrolled_agree_and_scan_is_one_group(tiny_config):
+    config = tiny_config(num_hidden_layers=6)
+    assert [(s.repeats, len(s.pattern)) for s in block_groups(config)] == [(6, 1)]
     params = init_params(config, jax.random.PRNGKey(1))
     ids = np.arange(20)[None] % 128
     a = np.asarray(forward(config, params, ids))
@@ -78,19 +72,20 @@ def test_scan_and_unrolled_agree_and_scan_is_one_segment():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_hlo_size_does_not_grow_with_depth():
+def test_hlo_size_does_not_grow_with_depth(tiny_config):
     """Scan over layers: a 16-layer model lowers to about the same program as a 2-layer one."""
     sizes = []
     for layers in (2, 16):
-        config = tiny(num_hidden_layers=layers)
+        config = tiny_config(num_hidden_layers=layers)
         params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-        text = jax.jit(lambda p, x: forward(config, p, x)).lower(params, jax.ShapeDtypeStruct((1, 8), np.int32)).as_text()
+        x = jax.ShapeDtypeStruct((1, 8), np.int32)
+        text = jax.jit(lambda p, x: forward(config, p, x)).lower(params, x).as_text()
         sizes.append(len(text))
     assert sizes[1] < 1.2 * sizes[0]
 
 
-def test_bf16_compute_close_to_fp32():
-    config = tiny()
+def test_bf16_compute_close_to_fp32(tiny_config):
+    config = tiny_config()
     params = init_params(config, jax.random.PRNGKey(2))
     ids = np.arange(32)[None] % 128
     f32 = np.asarray(forward(config, params, ids))
@@ -101,15 +96,16 @@ def test_bf16_compute_close_to_fp32():
     assert np.abs(out - f32).max() < 0.05 * np.abs(f32).max() + 1e-2
 
 
-def test_relayout_regroups_blocks_when_layers_become_trainable():
-    """Partial tuning changes the scan segments; the same weights must come out under the new layout."""
+def test_relayout_regroups_blocks_when_layers_become_trainable(tiny_config):
+    """Partial tuning changes the scan's block groups; the same weights must come out under the new layout."""
     import dataclasses
+
     from jax_controlllm.convert import to_hf_tensors
     from jax_controlllm.model.params import relayout
-    config = tiny(num_hidden_layers=6)
+    config = tiny_config(num_hidden_layers=6)
     params = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(3)))
     partial = dataclasses.replace(config, trainable_layers=[4])
-    assert len(segment_of(partial)) > len(segment_of(config))
+    assert len(block_groups(partial)) > len(block_groups(config))
     moved = relayout(config, partial, params)
     before, after = to_hf_tensors(config, params), to_hf_tensors(partial, moved)
     assert set(before) == set(after)

@@ -2,12 +2,23 @@
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_train_helpers import check, run_python
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.sharding import (DEFAULT_RULES, MeshError, ShardingError, batch_axes, batch_sharding,
-                                     data_parallel_size, logical_to_spec, make_mesh, mesh_axis_names, mesh_rules,
-                                     param_shardings, parse_mesh_shape)
-from test_train_helpers import check, run_python
+from jax_controlllm.sharding import (
+    DEFAULT_RULES,
+    MeshError,
+    ShardingError,
+    batch_axes,
+    batch_sharding,
+    data_parallel_size,
+    logical_to_spec,
+    make_mesh,
+    mesh_axis_names,
+    mesh_rules,
+    param_shardings,
+    parse_mesh_shape,
+)
 
 
 @pytest.mark.parametrize("text, devices, dims", [
@@ -77,7 +88,7 @@ def test_param_shardings_follow_logical_axes():
     mesh = make_mesh("1", ["fsdp"])
     shardings = param_shardings(config, mesh)
     assert shardings["embed_tokens"]["embedding"].spec == P(None, "fsdp")       # (vocab, embed); no tensor axis
-    kernel = shardings["layers"]["seg_0"]["block_0"]["mlp"]["down_proj"]["kernel"]
+    kernel = shardings["layers"]["group_0"]["block_0"]["mlp"]["down_proj"]["kernel"]
     assert kernel.spec == P(None, None, "fsdp")                                  # (layers, mlp, embed)
 
 
@@ -102,8 +113,8 @@ config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_
 mesh = make_mesh("4x8")
 assert dict(mesh.shape) == {"fsdp": 4, "tensor": 8}, mesh.shape
 s = param_shardings(config, mesh)
-assert s["layers"]["seg_0"]["block_0"]["mlp"]["up_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
-assert s["layers"]["seg_0"]["block_0"]["self_attn"]["o_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
+assert s["layers"]["group_0"]["block_0"]["mlp"]["up_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
+assert s["layers"]["group_0"]["block_0"]["self_attn"]["o_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
 assert s["lm_head"]["kernel"].spec == P("fsdp", "tensor")
 shard = s["lm_head"]["kernel"].shard_shape((64, 256))
 assert shard == (16, 32), shard

@@ -12,7 +12,6 @@ from jax_controlllm.data.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.iterator import DataIterator, make_data_iterator, make_eval_iterator
 from jax_controlllm.data.pack import IGNORE_INDEX, pack_documents
-from jax_controlllm.data.tokenize import load_tokenizer
 
 __all__ = ["DataConfig", "SourceConfig", "DataError", "DataIterator", "make_data_iterator", "make_eval_iterator",
-           "IGNORE_INDEX", "pack_documents", "load_tokenizer"]
+           "IGNORE_INDEX", "pack_documents"]

@@ -26,7 +26,8 @@ from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.pack import Packer, empty_rows, write_row
 from jax_controlllm.data.prefetch import PrefetchingIterator
 from jax_controlllm.data.stream import Stream, eval_stream, train_stream
-from jax_controlllm.data.tokenize import load_tokenizer, token_policy
+from jax_controlllm.data.tokenize import token_policy
+from jax_controlllm.tokenizer import TokenizerError, load_tokenizer
 
 STATE_FORMAT = "jax_controlllm.data/1"
 
@@ -160,8 +161,11 @@ def make_data_iterator(data_config: DataConfig, tokenizer_dir_or_tokenizer=None,
         data_config = DataConfig.from_dict(data_config)
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r} (source splits are set per source)")
-    tokenizer = load_tokenizer(tokenizer_dir_or_tokenizer if tokenizer_dir_or_tokenizer is not None
-                               else data_config.tokenizer)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir_or_tokenizer if tokenizer_dir_or_tokenizer is not None
+                                   else data_config.tokenizer)
+    except TokenizerError as err:       # the data pipeline reports every input problem as a DataError
+        raise DataError(str(err)) from None
     if split == "eval":
         stream, shard_by = eval_stream(data_config), "rows"
     else:

@@ -1,4 +1,4 @@
-"""Tokenisation: Hugging Face tokenizers from a local directory, document boundaries, chat templates.
+"""Tokenising documents: document boundaries and chat templates (tokenizers load in jax_controlllm.tokenizer).
 
 Pre-training documents become ``[BOS] text [END]`` where BOS is added only if the tokenizer adds
 it by default (Llama 2/3 do, SmolLM2 does not) and END is the token the model family separates
@@ -9,10 +9,8 @@ end-of-turn marker) are trained.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -30,25 +28,6 @@ class Document:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def load_tokenizer(tokenizer_or_dir: Any):
-    """A Hugging Face tokenizer: passed through as is, or loaded from a local directory (never the hub)."""
-    if tokenizer_or_dir is None:
-        raise DataError("no tokenizer: pass a tokenizer (or its directory) or set data.tokenizer to a local "
-                        "Hugging Face tokenizer directory (the GGUF import writes one next to the weights)")
-    if not isinstance(tokenizer_or_dir, (str, os.PathLike)):
-        return tokenizer_or_dir
-    folder = Path(os.path.expanduser(str(tokenizer_or_dir)))
-    if not folder.is_dir():
-        raise DataError(f"tokenizer directory {folder} does not exist; point data.tokenizer at a local "
-                        f"Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json). "
-                        f"Nothing is downloaded at run time")
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot load a tokenizer from {folder}: {err}") from None
 
 
 @dataclass

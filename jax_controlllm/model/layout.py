@@ -4,7 +4,8 @@ A model is a sequence of *blocks*: a plain Llama decoder layer ("llama") or a Co
 layer ("controlled": a frozen pretrained layer, a trainable expanded copy and a merge module). Each block
 is also frozen or trainable. Blocks with the same (kind, trainable) key have identical parameter shapes, so
 a repeating pattern of keys — e.g. 3 frozen plain + 1 controlled for 32 layers with every 4th controlled —
-becomes one *segment* scanned 8 times over a 4-block body. Compile time then does not grow with depth.
+becomes one *block group* scanned 8 times over a 4-block body. Compile time then does not grow with depth.
+("Segment" means one packed document only: ``segment_ids``.)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Block:
 
 
 @dataclass(frozen=True)
-class Segment:
+class BlockGroup:
     start: int                   # index of the first block
     pattern: tuple[Block, ...]   # the blocks of one scan step (their keys repeat)
     repeats: int
@@ -95,15 +96,15 @@ def layer_plan(config: ModelConfig) -> list[Block]:
     return blocks
 
 
-def segments(plan: list[Block], scan: bool = True) -> list[Segment]:
+def group_blocks(plan: list[Block], scan: bool = True) -> list[BlockGroup]:
     """Cover the plan with repeated patterns, minimising the number of distinct block bodies to compile
-    (the sum of pattern lengths), then the number of segments. A plain 32-layer model is one segment of
-    1 block x 32; 32 layers with every 4th controlled is one segment of 4 blocks x 8."""
+    (the sum of pattern lengths), then the number of groups. A plain 32-layer model is one group of
+    1 block x 32; 32 layers with every 4th controlled is one group of 4 blocks x 8."""
     n = len(plan)
     if not scan:
-        return [Segment(i, (b,), 1) for i, b in enumerate(plan)]
+        return [BlockGroup(i, (b,), 1) for i, b in enumerate(plan)]
     keys = [b.key for b in plan]
-    best: list[tuple[int, int]] = [(0, 0)] * (n + 1)   # (compiled blocks, segments) to cover plan[s:]
+    best: list[tuple[int, int]] = [(0, 0)] * (n + 1)   # (compiled blocks, groups) to cover plan[s:]
     choice: list[tuple[int, int]] = [(0, 0)] * (n + 1)
     for s in range(n - 1, -1, -1):
         best[s] = (n + 1, n + 1)
@@ -120,7 +121,7 @@ def segments(plan: list[Block], scan: bool = True) -> list[Segment]:
     out, s = [], 0
     while s < n:
         p, r = choice[s]
-        out.append(Segment(s, tuple(plan[s:s + p]), r))
+        out.append(BlockGroup(s, tuple(plan[s:s + p]), r))
         s += p * r
     return out
 
@@ -129,16 +130,16 @@ def controlled_indices(config: ModelConfig) -> list[int]:
     return [i for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"]
 
 
-def segment_of(config: ModelConfig) -> list[Segment]:
-    """Segments of the model. The frozen prefix below the first trainable block gets segments of its own:
+def block_groups(config: ModelConfig) -> list[BlockGroup]:
+    """Block groups of the model. The frozen prefix below the first trainable block gets groups of its own:
     nothing there needs a backward pass, and a scan body shared with trainable blocks would run one."""
     plan = layer_plan(config)
     first = first_trainable_block(config)
     if not first:
-        return segments(plan, scan=config.scan_layers)
-    head = segments(plan[:first], scan=config.scan_layers)
-    tail = segments(plan[first:], scan=config.scan_layers)
-    return head + [Segment(s.start + first, s.pattern, s.repeats) for s in tail]
+        return group_blocks(plan, scan=config.scan_layers)
+    head = group_blocks(plan[:first], scan=config.scan_layers)
+    tail = group_blocks(plan[first:], scan=config.scan_layers)
+    return head + [BlockGroup(s.start + first, s.pattern, s.repeats) for s in tail]
 
 
 def first_trainable_block(config: ModelConfig) -> Optional[int]:

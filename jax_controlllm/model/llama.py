@@ -22,9 +22,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.layout import Segment, segment_of
+from jax_controlllm.model.layout import BlockGroup, block_groups
 from jax_controlllm.model.lora import lora_update
-from jax_controlllm.model.params import block_key, segment_key
+from jax_controlllm.model.params import block_key, group_key
 from jax_controlllm.sharding import constrain
 
 
@@ -226,7 +226,7 @@ def decoder_layer(p: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = N
 
 
 # ----------------------------------------------------------------------------------------------
-# The stack of blocks: one lax.scan per segment of repeated blocks
+# The stack of blocks: one lax.scan per group of repeated blocks
 # ----------------------------------------------------------------------------------------------
 
 # "selective": keep every matmul output that a nonlinearity or a later matmul's backward needs (rotated
@@ -260,8 +260,8 @@ def _apply_block(kind: str, p: dict, h, ctx: Context, cache):
     return controlled_layer(p, h, ctx, cache)
 
 
-def _segment_body(segment: Segment, ctx: Context):
-    kinds = [b.kind for b in segment.pattern]
+def _group_body(group: BlockGroup, ctx: Context):
+    kinds = [b.kind for b in group.pattern]
 
     def body(h, xs):
         block_params, block_caches, rng = xs
@@ -286,18 +286,18 @@ def _segment_body(segment: Segment, ctx: Context):
 def apply_blocks(config: ModelConfig, layers: dict, h: jax.Array, ctx: Context, cache: Optional[dict] = None):
     """Run all blocks. Returns (h, new cache or None, per-controlled-block aux ordered by block index)."""
     new_cache, aux_by_block = {}, {}
-    for i, seg in enumerate(segment_of(config)):
-        key = segment_key(i)
-        seg_cache = None if cache is None else cache[key]
-        # one dropout key per repeat of the segment (None outside training steps)
-        rngs = None if ctx.lora_rng is None else jax.random.split(jax.random.fold_in(ctx.lora_rng, i), seg.repeats)
-        h, (seg_new_cache, seg_aux) = jax.lax.scan(_segment_body(seg, ctx), h, (layers[key], seg_cache, rngs))
-        if seg_new_cache is not None:
-            new_cache[key] = seg_new_cache
-        for j in range(len(seg.pattern)):
-            if block_key(j) in seg_aux:
-                for r in range(seg.repeats):
-                    aux_by_block[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r], seg_aux[block_key(j)])
+    for i, group in enumerate(block_groups(config)):
+        key = group_key(i)
+        group_cache = None if cache is None else cache[key]
+        # one dropout key per repeat of the group (None outside training steps)
+        rngs = None if ctx.lora_rng is None else jax.random.split(jax.random.fold_in(ctx.lora_rng, i), group.repeats)
+        h, (group_new_cache, group_aux) = jax.lax.scan(_group_body(group, ctx), h, (layers[key], group_cache, rngs))
+        if group_new_cache is not None:
+            new_cache[key] = group_new_cache
+        for j in range(len(group.pattern)):
+            if block_key(j) in group_aux:
+                for r in range(group.repeats):
+                    aux_by_block[group.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r], group_aux[block_key(j)])
     aux = [aux_by_block[k] for k in sorted(aux_by_block)]
     return h, (new_cache if cache is not None else None), aux
 

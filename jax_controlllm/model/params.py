@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.layout import Block, Segment, layer_plan, segment_of
+from jax_controlllm.model.layout import Block, block_groups
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ def block_specs(config: ModelConfig, block: Block) -> dict:
             **merge_specs(config)}
 
 
-def segment_key(i: int) -> str:
-    return f"seg_{i}"
+def group_key(i: int) -> str:
+    return f"group_{i}"
 
 
 def block_key(j: int) -> str:
@@ -124,17 +124,17 @@ def block_key(j: int) -> str:
 
 
 def param_specs(config: ModelConfig) -> dict:
-    """The whole parameter tree as ParamSpecs. Layers: layers/seg_i/block_j with a leading repeat axis."""
+    """The whole parameter tree as ParamSpecs. Layers: layers/group_i/block_j with a leading repeat axis."""
     c = config
     train_outer = c.train_embeddings
     outer_dt = c.param_dtype if train_outer else c.frozen_dtype
     specs = {"embed_tokens": {"embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"),
                                                      "normal", train_outer, outer_dt)},
              "layers": {}}
-    for i, seg in enumerate(segment_of(c)):
-        specs["layers"][segment_key(i)] = {
-            block_key(j): jax.tree.map(lambda s: s.stacked(seg.repeats), block_specs(c, b), is_leaf=_is_spec)
-            for j, b in enumerate(seg.pattern)}
+    for i, group in enumerate(block_groups(c)):
+        specs["layers"][group_key(i)] = {
+            block_key(j): jax.tree.map(lambda s: s.stacked(group.repeats), block_specs(c, b), is_leaf=_is_spec)
+            for j, b in enumerate(group.pattern)}
     specs["norm"] = {"weight": ParamSpec((c.hidden_size,), ("norm",), "ones", train_outer, outer_dt)}
     if not c.tie_word_embeddings:
         specs["lm_head"] = {"kernel": ParamSpec((c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal",
@@ -190,37 +190,37 @@ def spec_trainable(config: ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-block views: unstack the scanned segments into a list of block dicts, and back
+# Per-block views: unstack the scanned block groups into a list of block dicts, and back
 # ----------------------------------------------------------------------------------------------
 
 def unstack_blocks(config: ModelConfig, params: dict) -> list[dict]:
     """Block i's parameters as a plain dict (no leading repeat axis), in model order."""
     blocks: list[Optional[dict]] = [None] * config.num_hidden_layers
-    for i, seg in enumerate(segment_of(config)):
-        seg_params = params["layers"][segment_key(i)]
-        for j in range(len(seg.pattern)):
-            stacked = seg_params[block_key(j)]
-            for r in range(seg.repeats):
+    for i, group in enumerate(block_groups(config)):
+        group_params = params["layers"][group_key(i)]
+        for j in range(len(group.pattern)):
+            stacked = group_params[block_key(j)]
+            for r in range(group.repeats):
                 # non-array leaves (e.g. the bools of a trainable mask) are per-block already
-                blocks[seg.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r] if np.ndim(x) else x, stacked)
+                blocks[group.block_index(r, j)] = jax.tree.map(lambda x, r=r: x[r] if np.ndim(x) else x, stacked)
     return blocks
 
 
 def stack_blocks(config: ModelConfig, blocks: list[dict], np_module=jnp) -> dict:
     """Inverse of unstack_blocks: the ``layers`` subtree for ``config``."""
     layers = {}
-    for i, seg in enumerate(segment_of(config)):
-        layers[segment_key(i)] = {
+    for i, group in enumerate(block_groups(config)):
+        layers[group_key(i)] = {
             block_key(j): jax.tree.map(lambda *xs: np_module.stack(xs),
-                                       *[blocks[seg.block_index(r, j)] for r in range(seg.repeats)])
-            for j in range(len(seg.pattern))}
+                                       *[blocks[group.block_index(r, j)] for r in range(group.repeats)])
+            for j in range(len(group.pattern))}
     return layers
 
 
 def relayout(old: ModelConfig, new: ModelConfig, params: dict, np_module=np) -> dict:
     """The same weights under ``new``'s block layout. Marking layers trainable (partial tuning) changes how
-    blocks group into scan segments, so a tree loaded under the base layout is regrouped here."""
-    if [(s.start, [b.key for b in s.pattern], s.repeats) for s in segment_of(old)] == \
-            [(s.start, [b.key for b in s.pattern], s.repeats) for s in segment_of(new)]:
+    blocks are grouped for the scan, so a tree loaded under the base layout is regrouped here."""
+    if [(s.start, [b.key for b in s.pattern], s.repeats) for s in block_groups(old)] == \
+            [(s.start, [b.key for b in s.pattern], s.repeats) for s in block_groups(new)]:
         return params
     return {**params, "layers": stack_blocks(new, unstack_blocks(old, params), np_module)}

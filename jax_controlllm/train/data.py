@@ -7,10 +7,7 @@ Two kinds of iterator share one interface (``next`` -> dict of int32 numpy [loca
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -78,6 +75,10 @@ class SyntheticTokens:
     def reset(self) -> None:
         self.batches = 0
 
+    @property
+    def stats(self) -> dict:
+        return {"batches": self.batches}
+
 
 def is_synthetic(data: dict) -> bool:
     return data.get("source") == "synthetic"
@@ -113,7 +114,7 @@ def make_iterator(run: RunConfig, vocab_size: int, split: str, process_index: in
     if split == "eval":
         return make_eval_iterator(config, tokenizer, eval_batch_size(run), train.seq_len, process_index,
                                   process_count)
-    # The training loop reads batches ahead in its own thread (Prefetcher, train.prefetch); a second
+    # The training loop reads batches ahead in its own thread (PrefetchingIterator, train.prefetch); a second
     # prefetch thread inside the data pipeline would only stack another queue on top of it.
     config = dataclasses.replace(config, prefetch=0)
     return make_data_iterator(config, tokenizer, train.batch_size, train.seq_len, train.seed, process_index,
@@ -123,38 +124,6 @@ def make_iterator(run: RunConfig, vocab_size: int, split: str, process_index: in
 def eval_batch_size(run: RunConfig) -> int:
     """Eval batches are one micro-batch (what fits in memory with gradients fits without them)."""
     return run.train.batch_size // run.train.grad_accum
-
-
-def tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
-    """The tokenizer directory for real data: data.tokenizer, else the base model's (written from a GGUF)."""
-    data = run.data or {}
-    if is_synthetic(data) or data.get("tokenizer"):
-        return data.get("tokenizer")
-    path, fmt = run.base.path, run.base.format
-    if path is None:
-        return None
-    from jax_controlllm.convert.auto import detect_format
-    kind = detect_format(path) if fmt == "auto" else fmt
-    if kind == "hf":
-        return path
-    if kind in ("gguf", "smollm2") and run_dir is not None:
-        return write_gguf_tokenizer(path if kind == "gguf" else None, Path(run_dir) / "tokenizer")
-    return None
-
-
-def write_gguf_tokenizer(gguf_path: Optional[str], out_dir: Path) -> Path:
-    """The GGUF's tokenizer as a Hugging Face tokenizer directory (once per run directory)."""
-    if (out_dir / "tokenizer.json").is_file():
-        return out_dir
-    from jax_controlllm.convert import gguf
-    path = gguf_path or gguf.smollm2_gguf_path()
-    files = gguf.gguf_tokenizer_files(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():  # every process may get here: write aside, then rename (atomic)
-        tmp = out_dir / f".{name}.{jax.process_index()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out_dir / name)
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,46 +152,3 @@ def to_global(local: dict, shardings: dict, global_batch: int) -> dict:
     """Assemble each process's rows into one global jax.Array per key (no cross-host copies)."""
     return {k: jax.make_array_from_process_local_data(shardings[k], local[k], (global_batch, *local[k].shape[1:]))
             for k in shardings}
-
-
-class Prefetcher:
-    """Reads batches in a background thread, ``depth`` ahead, each with the iterator state after it,
-    so that host-side tokenising and packing overlap the device step."""
-
-    def __init__(self, iterator, depth: int = 2):
-        self._iterator = iterator
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="batch-prefetch")
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for batch in self._iterator:
-                item = (batch, self._iterator.get_state())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(StopIteration())
-        except BaseException as err:  # surfaced in the training thread
-            self._queue.put(err)
-
-    def __iter__(self) -> Iterator[tuple[dict, dict]]:
-        return self
-
-    def __next__(self) -> tuple[dict, dict]:
-        item = self._queue.get()
-        if isinstance(item, StopIteration):
-            raise item
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -4,6 +4,7 @@ from jax_controlllm.config import ConfigError
 from jax_controlllm.convert.hf import ConversionError
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.sharding import ShardingError
+from jax_controlllm.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, CheckpointDamagedError, ShardingError, ConversionError, DataError, FileNotFoundError,
-               FileExistsError)
+USER_ERRORS = (ConfigError, CheckpointDamagedError, ShardingError, ConversionError, DataError, TokenizerError,
+               FileNotFoundError, FileExistsError)

@@ -25,8 +25,14 @@ import jax
 import numpy as np
 
 from jax_controlllm.checkpoint import VERIFY_COMMAND, CheckpointWriteError, sealed_steps
-from jax_controlllm.train.data import (Prefetcher, eval_batch_size, make_iterator, process_batch_slot,
-                                       to_global, tokenizer_source)
+from jax_controlllm.data.prefetch import PrefetchingIterator
+from jax_controlllm.tokenizer import run_tokenizer_source
+from jax_controlllm.train.data import (
+    eval_batch_size,
+    make_iterator,
+    process_batch_slot,
+    to_global,
+)
 from jax_controlllm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jax_controlllm.train.setup import Trainer
 from jax_controlllm.train.state import combine
@@ -127,7 +133,7 @@ class _Loop:
         main = jax.process_index() == 0
         sharding = trainer.shardings.batch["input_ids"]
         slot, count = process_batch_slot(sharding, train.batch_size, train.seq_len)
-        tokenizer = tokenizer_source(run, run_dir)
+        tokenizer = run_tokenizer_source(run, run_dir)
         iterator = make_iterator(run, trainer.model_config.vocab_size, "train", slot, count, tokenizer)
         if trainer.data_state is not None:
             iterator.set_state(trainer.data_state)
@@ -141,20 +147,21 @@ class _Loop:
         self.log(trainer.describe())
         self.writer = MetricsWriter(run_dir, enabled=main)
         self.throughput = Throughput(trainer, train)
-        self.batches = Prefetcher(iterator, train.prefetch)
+        # host-side tokenising and packing overlap the device step; the iterator's state follows the batches handed out
+        self.batches = PrefetchingIterator(iterator, train.prefetch) if train.prefetch else iterator
         self.state, self.step, self.bad_steps = trainer.state, trainer.start_step, 0
 
     def run(self, signals: StopSignals) -> LoopResult:
         while self.step < self.train.steps:
             try:
-                host_batch, data_state = next(self.batches)
+                host_batch = next(self.batches)
             except StopIteration:
                 self.log(f"the training data ended after step {self.step}")
                 break
             finite = self.train_step(host_batch)
             if not finite and not self.may_skip():
                 return self.stop_nonfinite()
-            self.data_state = data_state
+            self.data_state = self.batches.get_state()
             self.after_step()
             if signals.stop_requested():
                 self.save(self.step)
@@ -235,7 +242,8 @@ class _Loop:
         self.checkpoints.save(step, params, self.state.opt_state, self.trainer.model_config, self.data_state)
 
     def close(self) -> None:
-        self.batches.close()
+        if isinstance(self.batches, PrefetchingIterator):
+            self.batches.close()
         self.writer.close()
         if self.bar is not None:
             self.bar.close()

@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jax_controlllm.config import ConfigError
-from jax_controlllm.data import DataConfig, DataError, load_tokenizer, make_data_iterator
+from jax_controlllm.data import DataConfig, DataError, make_data_iterator
 from jax_controlllm.data.sources import BadRecord, JsonlSource, Record
 from jax_controlllm.data.testing import build_tiny_tokenizer
+from jax_controlllm.tokenizer import load_tokenizer
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_RECORD_BYTES = 1000
