@@ -11,8 +11,9 @@
    restored onto the same shardings. Times: the save without the manifest (Orbax), writing the manifest (hashing
    every file), the restore (Orbax), and verifying the checkpoint against its manifest (wall time, and the CPU
    time of the thread doing it: on a shared machine the wall time of a few-millisecond job is mostly waiting for a
-   core); the file set is also hashed with each candidate checksum. Medians of ``--repeats``. The files are read back from the page cache
-   (they were just written): the cost on a cold disk is the read itself, which Orbax's restore then skips.
+   core); the file set is also hashed with each candidate checksum. Medians of ``--repeats``. The files are read
+   back from the page cache (they were just written): the cost on a cold disk is the read itself, which Orbax's
+   restore then skips.
 
 Prints JSON and writes it to --out with the command, machine and versions.
 """
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import jax
 import xxhash
-
 from host import cpu_model  # bench/host.py, beside this script
+
 from jax_controlllm.checkpoint import RunCheckpoints
 from jax_controlllm.checksums import CHUNK, files_under, verify, write_manifest
 from jax_controlllm.config import load_config

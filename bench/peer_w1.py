@@ -224,7 +224,8 @@ def measure(args) -> dict:
     return {
         "preset": preset_name, "setting": args.setting, "batch": batch, "seq_len": seq, "role": "peer",
         "precision": "bf16", "liger": setting["liger"], "gradient_checkpointing": model.is_gradient_checkpointing,
-        "attention": model.config._attn_implementation, "tokens_per_s": round(batch * seq / step_s, 1), "step_s_median": round(step_s, 4),
+        "attention": model.config._attn_implementation, "tokens_per_s": round(batch * seq / step_s, 1),
+        "step_s_median": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in times], "first_step_s": round(first_step, 2),
         "setup_s": round(setup_s, 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if on_gpu else None,
@@ -233,7 +234,8 @@ def measure(args) -> dict:
         "matches_w1_param_counts": (n_trainable, n_total) == (W1_TRAINABLE, W1_TOTAL) if not args.tiny else None,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "platform": "gpu" if on_gpu else "cpu",
-        "release": {"repo": RELEASE, "commit": RELEASE_COMMIT, "model_expander": str(release_expander(Path(args.checkout))),
+        "release": {"repo": RELEASE, "commit": RELEASE_COMMIT,
+                    "model_expander": str(release_expander(Path(args.checkout))),
                     "model_expander_blob": MODEL_EXPANDER_BLOB},
         "versions": versions(), "command": "python " + " ".join(sys.argv),
     }

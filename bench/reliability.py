@@ -37,8 +37,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "reliability"))
 
-from harness import (DAMAGED_STEPS, FAULTS, FILE_KINDS, STEPS, damage, final_params, loss_records,  # noqa: E402
-                     reference_losses, run_to_end, same_params, set_aside, stopped_run)
+from harness import (  # noqa: E402
+    DAMAGED_STEPS,
+    FAULTS,
+    FILE_KINDS,
+    STEPS,
+    damage,
+    final_params,
+    loss_records,
+    reference_losses,
+    run_to_end,
+    same_params,
+    set_aside,
+    stopped_run,
+)
 from host import cpu_model  # noqa: E402  (bench/host.py, beside this script)
 from kill_chain import run_chain  # noqa: E402
 

@@ -50,8 +50,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jax_controlllm.checksums import (DAMAGED, INCOMPLETE, MANIFEST, CheckpointDamagedError, Verdict, verify,
-                                      write_manifest)
+from jax_controlllm.checksums import (
+    DAMAGED,
+    INCOMPLETE,
+    MANIFEST,
+    CheckpointDamagedError,
+    Verdict,
+    verify,
+    write_manifest,
+)
 from jax_controlllm.config import ConfigError, ModelConfig, from_dict
 
 CHECKPOINTS = "checkpoints"

@@ -166,7 +166,7 @@ def acquisition_retention_report(run: RunConfig, run_dir: str | Path, progress: 
     report = evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir, spec, progress)
     if spec.export_hf:
         from jax_controlllm.convert.export import export_hf
-        export_hf(config, params, run_dir / "hf", tokenizer=tokenizer_source(run, run_dir))
+        export_hf(config, params, run_dir / "hf", tokenizer=run_tokenizer_source(run, run_dir))
         report["export"] = str(run_dir / "hf")
     report["seconds"] = round(time.time() - start, 1)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -6,6 +6,7 @@ Data, training, generation, evaluation and conversion all load tokenizers here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -115,6 +116,8 @@ def run_tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
 def write_tokenizer(source, out_dir: Path, suffix: str = "") -> list[str]:
     """Write the tokenizer files of ``source`` (a directory, a .gguf file or 'smollm2') into ``out_dir``;
     each file is written aside and renamed, so concurrent writers (one per process) never leave half a file.
+    ``tokenizer_config.json`` always names the model's inputs (``model_input_names``), so that
+    ``model.generate(**tokenizer(text, return_tensors="pt"))`` works in transformers 4.49 and 5.
     Returns the names written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,10 +135,20 @@ def write_tokenizer(source, out_dir: Path, suffix: str = "") -> list[str]:
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
             tmp = out_dir / f".{name}{suffix}.tmp"
-            shutil.copy2(Path(source) / name, tmp)
+            shutil.copyfile(Path(source) / name, tmp)
+            if name == "tokenizer_config.json":
+                name_model_inputs(tmp)
             tmp.replace(out_dir / name)
             written.append(name)
     return written
+
+
+def name_model_inputs(tokenizer_config: Path) -> None:
+    """Add ``model_input_names`` to a tokenizer_config.json that lacks it (GGUF-built ones have it)."""
+    config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    if "model_input_names" not in config:
+        config["model_input_names"] = list(gguf.MODEL_INPUT_NAMES)
+        tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

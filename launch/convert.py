@@ -20,7 +20,6 @@ from typing import Optional
 from launch.generate import one_line_errors
 
 
-
 class ExportError(ValueError):
     """A conversion cannot run or its check failed; the message says why and what to do."""
 
@@ -92,6 +91,7 @@ def sample_ids(vocab_size: int, max_positions: int, seed: int = 0):
 def logit_gap(config_a, params_a, config_b, params_b, ids) -> float:
     """Largest absolute logit difference between two models on ``ids``."""
     import numpy as np
+
     from jax_controlllm.model import forward
     a, b = np.asarray(forward(config_a, params_a, ids)), np.asarray(forward(config_b, params_b, ids))
     return float(np.max(np.abs(a - b)))
@@ -118,10 +118,10 @@ def _check_logits(gap: float, atol: float, out: Path, what: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _tokenizer_for(model: str, explicit: Optional[str]):
-    from jax_controlllm.generate import GenerationError, tokenizer_source_for
+    from jax_controlllm.tokenizer import TokenizerError, tokenizer_source_for
     try:
         return tokenizer_source_for(model, explicit)
-    except GenerationError:
+    except TokenizerError:
         return None
 
 
@@ -131,8 +131,8 @@ def _write_tokenizer(model: str, explicit: Optional[str], out: Path) -> None:
         print(f"      warning: no tokenizer found in or beside {model}; the export has weights only "
               f"(pass --tokenizer DIR|FILE.gguf|smollm2 to include one)", file=sys.stderr)
         return
-    from jax_controlllm.convert.export import copy_tokenizer
-    copied = copy_tokenizer(source, out)
+    from jax_controlllm.tokenizer import write_tokenizer
+    copied = write_tokenizer(source, out)
     print(f"      tokenizer from {source}: {', '.join(copied) or 'no files'}", file=sys.stderr)
 
 

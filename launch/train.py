@@ -89,9 +89,18 @@ def _main(args: argparse.Namespace) -> int:
     from jax_controlllm.config import load_config
     from jax_controlllm.experiment import acquisition_retention_report, prepare_knowledge
     from jax_controlllm.sharding import make_mesh
-    from jax_controlllm.train import (EXIT_BAD_INPUT, aot_memory_report, build_trainer, check_data_config,
-                                      create_run_dir, hold_run_dir, initialize_distributed, open_checkpoints,
-                                      resume_report, train_loop)
+    from jax_controlllm.train import (
+        EXIT_BAD_INPUT,
+        aot_memory_report,
+        build_trainer,
+        check_data_config,
+        create_run_dir,
+        hold_run_dir,
+        initialize_distributed,
+        open_checkpoints,
+        resume_report,
+        train_loop,
+    )
     from jax_controlllm.train.errors import USER_ERRORS
 
     def say(line: str) -> None:

@@ -135,8 +135,15 @@ def test_retention_frontier_smoke(tmp_path):
 
     from jax_controlllm.config import ModelConfig
     from jax_controlllm.convert import save_hf
-    from jax_controlllm.knowledge import (BOS_ID, CorpusConfig, EntityConfig, build_knowledge_dataset,
-                                          build_word_tokenizer, read_jsonl, save_word_tokenizer)
+    from jax_controlllm.knowledge import (
+        BOS_ID,
+        CorpusConfig,
+        EntityConfig,
+        build_knowledge_dataset,
+        build_word_tokenizer,
+        read_jsonl,
+        save_word_tokenizer,
+    )
     from jax_controlllm.model import init_params
 
     corpus = build_knowledge_dataset(tmp_path / "vocab", CorpusConfig(EntityConfig(
@@ -257,8 +264,8 @@ def test_sweep_skips_what_would_pass_its_budget(tmp_path):
 @pytest.mark.slow
 def test_gpu_sweep_dry_run_of_our_side(tmp_path):
     proc = subprocess.run([sys.executable, "bench/gpu_sweep.py", "--dry-run", "--only", "ours-best", "eapig-fp32",
-                           "--out-dir", str(tmp_path), "--run-id", "ci"], cwd=ROOT, check=False, capture_output=True, text=True,
-                          timeout=900)
+                           "--out-dir", str(tmp_path), "--run-id", "ci"], cwd=ROOT, check=False, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads((tmp_path / "h200_train_step.json").read_text())
     assert (row["name"], row["role"], row["run_id"], row["precision"], row["device"]) == \

@@ -6,9 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jax_controlllm.circuits import (attribute, circuit_from_edges, evaluate_circuit, faithfulness, full_circuit,
-                                     hit_at_k, prune_dead_nodes, top_n_circuit)
-from jax_controlllm.circuits import circuit_model
+from jax_controlllm.circuits import (
+    attribute,
+    circuit_from_edges,
+    circuit_model,
+    evaluate_circuit,
+    faithfulness,
+    full_circuit,
+    hit_at_k,
+    prune_dead_nodes,
+    top_n_circuit,
+)
 from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.config import ExpansionConfig, ModelConfig
 
@@ -143,7 +151,8 @@ def _layer_tensors(rs, prefix, h, kv, dh):
         return (scale * rs.normal(size=(out, inp)) / np.sqrt(inp)).astype(np.float32)
     return {f"{prefix}.input_layernorm.weight": (1 + 0.2 * rs.normal(size=D)).astype(np.float32),
             f"{prefix}.post_attention_layernorm.weight": (1 + 0.2 * rs.normal(size=D)).astype(np.float32),
-            f"{prefix}.self_attn.q_proj.weight": w(h * dh, D, 1.5), f"{prefix}.self_attn.k_proj.weight": w(kv * dh, D, 1.5),
+            f"{prefix}.self_attn.q_proj.weight": w(h * dh, D, 1.5),
+            f"{prefix}.self_attn.k_proj.weight": w(kv * dh, D, 1.5),
             f"{prefix}.self_attn.v_proj.weight": w(kv * dh, D), f"{prefix}.self_attn.o_proj.weight": w(D, h * dh),
             f"{prefix}.mlp.gate_proj.weight": w(F, D), f"{prefix}.mlp.up_proj.weight": w(F, D),
             f"{prefix}.mlp.down_proj.weight": w(D, F)}
@@ -176,11 +185,13 @@ def make_model(heads=4, kv=2, layers=2, controlled=(), merge="lerp", norm_alpha=
         if merge == "lerp":
             tensors[f"model.layers.{layer}.interpolation_factor"] = np.array([0.4], np.float32)
         else:
-            tensors[f"model.layers.{layer}.interp_weight.fc.weight"] = (rs.normal(size=(1, 2 * D)) / 4).astype(np.float32)
+            fc = (rs.normal(size=(1, 2 * D)) / 4).astype(np.float32)
+            tensors[f"model.layers.{layer}.interp_weight.fc.weight"] = fc
             tensors[f"model.layers.{layer}.interp_weight.fc.bias"] = np.array([0.3], np.float32)
         if norm_alpha == -1:
             for norm in ("input_layernorm", "post_attention_layernorm"):
-                tensors[f"model.layers.{layer}.expanded_layer.{norm}.interpolation_factor"] = np.array([0.5], np.float32)
+                key = f"model.layers.{layer}.expanded_layer.{norm}.interpolation_factor"
+                tensors[key] = np.array([0.5], np.float32)
             mixes[layer] = 2 / (1 + np.exp(-0.5)) - 1
         elif norm_alpha > 0:
             mixes[layer] = norm_alpha
@@ -424,7 +435,7 @@ def test_patching_all_input_edges_gives_the_corrupted_run():
 
 def test_hit_at_k_zero_ablates_edges_outside_the_circuit():
     config, tensors, naive = make_model(**MODELS["gqa"])
-    clean, corrupted, cl, kl, lengths = prompts = make_prompts()
+    clean, corrupted, cl, kl, lengths = make_prompts()
     graph = circuit_model(config, tensors).graph
     circuit = _drop_edges(graph, ("m0", "a1.h3<q>"), ("a1.h0", "logits"))
     _, ranks = hit_at_k(config, tensors, circuit, clean, cl, lengths, k=5)

@@ -11,12 +11,19 @@ import numpy as np
 import optax
 import pytest
 
-from jax_controlllm.circuits.evolution import jaccard, layer_activation_ratio, phase_change
 from jax_controlllm.circuits.circuit import circuit_from_edges, edge_count
+from jax_controlllm.circuits.evolution import jaccard, layer_activation_ratio, phase_change
 from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.knowledge import (BOS_ID, CorpusConfig, EntityConfig, build_knowledge_dataset,
-                                      build_word_tokenizer, read_jsonl, save_word_tokenizer)
+from jax_controlllm.knowledge import (
+    BOS_ID,
+    CorpusConfig,
+    EntityConfig,
+    build_knowledge_dataset,
+    build_word_tokenizer,
+    read_jsonl,
+    save_word_tokenizer,
+)
 
 
 def _train_and_save(tmp_path, steps=(0, 15, 30)):

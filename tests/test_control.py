@@ -181,12 +181,14 @@ def test_divergence_options(base):
     mask[1, 8:] = 0
     batch = {"input_ids": IDS, "attention_mask": mask}
     masked = controlllm_loss(config2, params2, batch)
-    ref_cfg = dataclasses.replace(config2, expansion=dataclasses.replace(config2.expansion, divergence_mask="reference"))
+    ref_cfg = dataclasses.replace(config2,
+                                  expansion=dataclasses.replace(config2.expansion, divergence_mask="reference"))
     unmasked = controlllm_loss(ref_cfg, params2, batch)
     assert float(masked["divergence"]) != pytest.approx(float(unmasked["divergence"]), rel=1e-3)
     off = dataclasses.replace(config2, expansion=dataclasses.replace(config2.expansion, interpolation_loss_alpha=0))
     assert float(controlllm_loss(off, params2, batch)["divergence"]) == 0.0
-    cos = dataclasses.replace(config2, expansion=dataclasses.replace(config2.expansion, interpolation_loss_type="cosine"))
+    cos = dataclasses.replace(config2,
+                              expansion=dataclasses.replace(config2.expansion, interpolation_loss_type="cosine"))
     assert float(controlllm_loss(cos, params2, batch)["divergence"]) > 0
     gated = dataclasses.replace(config2, expansion=dataclasses.replace(config2.expansion, interpolation_loss_alpha=-1))
     assert 0 < float(controlllm_loss(gated, params2, batch)["divergence"]) < float(masked["divergence"])
@@ -222,7 +224,8 @@ def test_trainable_mask_freezes_what_the_spec_says(base):
     assert mask["model.layers.1.expanded_layer.input_layernorm.interpolation_factor"]
     # frozen weights and trainable weights take their own dtypes
     bf = dataclasses.replace(config, frozen_dtype="bfloat16")
-    c3, p3 = expand(bf, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), ExpansionConfig("concat", 2), jax.random.PRNGKey(0))
+    bf_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    c3, p3 = expand(bf, bf_params, ExpansionConfig("concat", 2), jax.random.PRNGKey(0))
     t3 = to_hf_tensors(c3, p3)
     assert t3["model.layers.1.pretrained_layer.mlp.up_proj.weight"].dtype == jnp.bfloat16
     assert t3["model.layers.1.expanded_layer.mlp.up_proj.weight"].dtype == np.float32

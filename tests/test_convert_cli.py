@@ -164,11 +164,10 @@ def test_bfloat16_export_is_checked_against_rounded_weights(tmp_path, plain):
 
 def test_hf_to_orbax_round_trip(tmp_path, plain, tokenizer_dir, capsys):
     from jax_controlllm.checkpoint import load_model
-    from jax_controlllm.convert.export import copy_tokenizer
-    from jax_controlllm.generate import find_tokenizer_dir
+    from jax_controlllm.tokenizer import find_tokenizer_dir, write_tokenizer
 
     save_hf(*plain, tmp_path / "hf")
-    copy_tokenizer(tokenizer_dir, tmp_path / "hf")
+    write_tokenizer(tokenizer_dir, tmp_path / "hf")
     convert.main(["hf-to-orbax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "orbax")])
     assert "ok: wrote" in capsys.readouterr().out
     config, params = load_model(tmp_path / "orbax")
@@ -257,7 +256,7 @@ def test_training_run_step_directory_exports_and_generates(tmp_path, plain, toke
 
 def test_python_export_carries_the_tokenizer(tmp_path, plain, tokenizer_dir):
     """export_hf is what `make train` writes runs/*/hf with."""
-    from jax_controlllm.convert import export_hf
+    from jax_controlllm.convert.export import export_hf
     report = export_hf(*expanded(plain, "lerp"), tmp_path / "hf", tokenizer=tokenizer_dir)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(report["tokenizer_files"])
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).model_input_names == [

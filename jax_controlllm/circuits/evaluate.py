@@ -25,8 +25,7 @@ import numpy as np
 from jax_controlllm.circuits.attribute import matmul_precision, plain_run
 from jax_controlllm.circuits.batching import chunks, prepare
 from jax_controlllm.circuits.circuit import Circuit
-from jax_controlllm.circuits.nodes import (circuit_model, final_logits, last_position, logit_difference, model_graph,
-                                           run)
+from jax_controlllm.circuits.nodes import circuit_model, final_logits, last_position, logit_difference, model_graph, run
 from jax_controlllm.circuits.readers import PatchReader
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.model.llama import embed

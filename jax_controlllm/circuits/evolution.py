@@ -28,7 +28,6 @@ from jax_controlllm.circuits.heads import classify_heads, head_dla
 from jax_controlllm.circuits.lens import logit_lens
 from jax_controlllm.circuits.nodes import circuit_model
 
-
 # The paper's circuits keep 6.7% (TinyLlama-1.1B) to 25% (GPT-2 small) of the edges; 10% sits in that range
 # for graphs of ~100k-1M edges (SmolLM2-135M: ~123k).
 DEFAULT_TOP_N = 0.1

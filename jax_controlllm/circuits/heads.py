@@ -24,8 +24,15 @@ import numpy as np
 
 from jax_controlllm.circuits.attribute import matmul_precision, plain_run
 from jax_controlllm.circuits.batching import chunks, prepare
-from jax_controlllm.circuits.nodes import (branch_layers, circuit_model, context, last_position, model_graph,
-                                           project_qkv, to_final_stream)
+from jax_controlllm.circuits.nodes import (
+    branch_layers,
+    circuit_model,
+    context,
+    last_position,
+    model_graph,
+    project_qkv,
+    to_final_stream,
+)
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.model import layer_plan
 from jax_controlllm.model.llama import apply_rope, attention_probs, head_kernel, rms_norm

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from jax_controlllm.buckets import pad_rows
 from jax_controlllm.circuits.attribute import Scores, attribute
 from jax_controlllm.circuits.circuit import top_n_circuit
 from jax_controlllm.config import ConfigError, ModelConfig, RunConfig
-from jax_controlllm.data import load_tokenizer
-from jax_controlllm.evaluate import pad_rows
 from jax_controlllm.experiment import knowledge_spec
 from jax_controlllm.knowledge import (
     QUERIES,
@@ -40,7 +39,7 @@ from jax_controlllm.knowledge import (
 )
 from jax_controlllm.knowledge.words import KNOWN_PEOPLE
 from jax_controlllm.model.llama import forward
-from jax_controlllm.train.data import tokenizer_source
+from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 from jax_controlllm.train.setup import load_base_weights
 
 AUTO = "auto"
@@ -158,7 +157,7 @@ def circuit_choice(run: RunConfig, run_dir: str | Path, progress: Callable[[str]
         raise ConfigError("expansion.layers: auto needs a pretrained base (base.path) and a knowledge corpus "
                           "(the knowledge section) to find the circuits of its relations; list the layers instead")
     config, params = load_base_weights(run)
-    tokenizer = load_tokenizer(tokenizer_source(run, Path(run_dir)))
+    tokenizer = load_tokenizer(run_tokenizer_source(run, Path(run_dir)))
     choice = choose_layers(config, params, tokenizer, spec.attributes, run.expansion.num_exp_layers)
     progress(f"expansion.layers: auto -> {choice.layers} (knowledge circuits of {', '.join(spec.attributes)}; "
              f"pairs {choice.pairs})")

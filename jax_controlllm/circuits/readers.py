@@ -25,8 +25,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jax_controlllm.circuits.nodes import RunOutput
 from jax_controlllm.circuits.graph import BranchIndex, Graph
+from jax_controlllm.circuits.nodes import RunOutput
 from jax_controlllm.circuits.taps import TappedInput, tap
 
 

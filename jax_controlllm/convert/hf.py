@@ -18,12 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_controlllm.config import (ConfigError, ExpansionConfig, ModelConfig, from_dict, model_config_from_hf,
-                                   model_config_to_hf)
+from jax_controlllm.config import (
+    ExpansionConfig,
+    ModelConfig,
+    from_dict,
+    model_config_from_hf,
+    model_config_to_hf,
+)
 from jax_controlllm.convert.safetensors_io import SafetensorsDir, SafetensorsError, save_file
 from jax_controlllm.model.layout import layer_plan
 from jax_controlllm.model.lora import merge_lora
-from jax_controlllm.model.params import _is_spec, block_specs, param_specs, stack_blocks, unstack_blocks
+from jax_controlllm.model.params import block_specs, param_specs, stack_blocks, unstack_blocks
 
 
 class ConversionError(ValueError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,6 @@ from jax_controlllm.model.layout import BlockGroup, block_groups
 from jax_controlllm.model.lora import lora_update
 from jax_controlllm.model.params import block_key, group_key
 from jax_controlllm.sharding import constrain
-
 
 # ----------------------------------------------------------------------------------------------
 # Rotary position embedding (Hugging Face rotate-half layout; default / linear / llama3 scaling)

@@ -15,8 +15,15 @@ checkpoints set aside and checks the config against the run's record (``resume_r
 from jax_controlllm.train.aot import MemoryReport, aot_memory_report
 from jax_controlllm.train.data import SyntheticTokens, check_data_config, make_iterator
 from jax_controlllm.train.distributed import initialize_distributed
-from jax_controlllm.train.loop import (EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_OK,
-                                       EXIT_PREEMPTED, LoopResult, train_loop)
+from jax_controlllm.train.loop import (
+                                       EXIT_BAD_INPUT,
+                                       EXIT_CHECKPOINT_FAILED,
+                                       EXIT_NONFINITE,
+                                       EXIT_OK,
+                                       EXIT_PREEMPTED,
+                                       LoopResult,
+                                       train_loop,
+)
 from jax_controlllm.train.rundir import create_run_dir, hold_run_dir, open_checkpoints, resume_report
 from jax_controlllm.train.setup import Trainer, build_trainer, plan_step, trained_model_config
 from jax_controlllm.train.state import TrainState, combine, make_optimizer, partition

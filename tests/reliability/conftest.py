@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from harness import STEPS, final_params, reference_losses, run_to_end, stopped_run
 
 

@@ -9,13 +9,27 @@ damages a copy of it.
 import json
 
 import pytest
-
 from conftest import copy_of, step_dir
-from harness import (DAMAGED_STEPS, FAULTS, FILE_KINDS, INTACT_STEP, MANIFEST, STEPS, TINY, TRIAL_OVERRIDES,
-                     complete_steps, damage, final_params, loss_records, run_to_end, same_params, set_aside)
+from harness import (
+    DAMAGED_STEPS,
+    FAULTS,
+    FILE_KINDS,
+    INTACT_STEP,
+    MANIFEST,
+    STEPS,
+    TINY,
+    TRIAL_OVERRIDES,
+    complete_steps,
+    damage,
+    final_params,
+    loss_records,
+    run_to_end,
+    same_params,
+    set_aside,
+)
+
 from jax_controlllm.checkpoint import RunCheckpoints, load_model
 from jax_controlllm.checksums import CheckpointDamagedError, verify
-
 
 
 @pytest.mark.slow

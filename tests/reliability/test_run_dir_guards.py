@@ -5,9 +5,9 @@ import signal
 import socket
 
 import pytest
-
 from conftest import copy_of
 from harness import DAMAGED_STEPS, EXIT_NONFINITE, TINY, TRIAL_OVERRIDES, Training, complete_steps, run_to_end
+
 from jax_controlllm.config import ConfigError, load_config
 from jax_controlllm.train.rundir import check_config_drift, write_config
 
