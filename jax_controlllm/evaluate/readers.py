@@ -50,7 +50,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
-def text_field(path, number: int, record: dict, name: str, hint: str) -> str:
+def required_text(path, number: int, record: dict, name: str, hint: str) -> str:
     value = record.get(name)
     if not isinstance(value, str) or not value.strip():
         what = "is missing" if name not in record else "is empty or not a string"
@@ -62,7 +62,7 @@ def read_documents(path: str | Path, text_field: str = "text", limit: Optional[i
     """Documents of a JSONL file (field ``text_field``) or a text file (one document per non-empty line)."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        docs = [text_field(path, n, r, text_field, f"each line needs a {text_field!r} string "
+        docs = [required_text(path, n, r, text_field, f"each line needs a {text_field!r} string "
                             "(or choose the field with --text-field)") for n, r in read_jsonl(path)]
     else:
         if not path.is_file():
@@ -78,8 +78,8 @@ def read_probes(path: str | Path) -> list[Probe]:
     hint = 'each line needs {"prompt": "...", "answer": "..."}'
     probes = []
     for number, record in read_jsonl(path):
-        prompt = text_field(path, number, record, "prompt", hint)
-        answer = text_field(path, number, record, "answer", hint)
+        prompt = required_text(path, number, record, "prompt", hint)
+        answer = required_text(path, number, record, "answer", hint)
         extra = {k: v for k, v in record.items() if k not in ("prompt", "answer", "id")}
         probes.append(Probe(prompt, answer, str(record.get("id", number)), extra))
     return probes
@@ -99,7 +99,7 @@ def read_choice_questions(path: str | Path) -> list[ChoiceQuestion]:
     hint = 'each line needs {"question": "...", "choices": ["...", ...], "answer": 0 or "A"}'
     questions = []
     for number, record in read_jsonl(path):
-        question = text_field(path, number, record, "question", hint)
+        question = required_text(path, number, record, "question", hint)
         choices = record.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise EvalInputError(f"{path}:{number}: 'choices' must be a list of at least 2 strings; {hint}")
