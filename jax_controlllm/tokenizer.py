@@ -116,8 +116,9 @@ def run_tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
 def write_tokenizer(source, out_dir: Path, suffix: str = "") -> list[str]:
     """Write the tokenizer files of ``source`` (a directory, a .gguf file or 'smollm2') into ``out_dir``;
     each file is written aside and renamed, so concurrent writers (one per process) never leave half a file.
-    ``tokenizer_config.json`` always names the model's inputs (``model_input_names``), so that
-    ``model.generate(**tokenizer(text, return_tensors="pt"))`` works in transformers 4.49 and 5.
+    ``tokenizer_config.json`` always names the model's inputs (``model_input_names``) and a class both
+    transformers 4.49 and 5 know, so that ``model.generate(**tokenizer(text, return_tensors="pt"))`` works in
+    both (``make_portable``).
     Returns the names written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,18 +138,23 @@ def write_tokenizer(source, out_dir: Path, suffix: str = "") -> list[str]:
             tmp = out_dir / f".{name}{suffix}.tmp"
             shutil.copyfile(Path(source) / name, tmp)
             if name == "tokenizer_config.json":
-                name_model_inputs(tmp)
+                make_portable(tmp, fast=(Path(source) / "tokenizer.json").is_file())
             tmp.replace(out_dir / name)
             written.append(name)
     return written
 
 
-def name_model_inputs(tokenizer_config: Path) -> None:
-    """Add ``model_input_names`` to a tokenizer_config.json that lacks it (GGUF-built ones have it)."""
+def make_portable(tokenizer_config: Path, fast: bool) -> None:
+    """Make a tokenizer_config.json load in transformers 4.49 and 5 alike: add ``model_input_names`` where it
+    lacks them (GGUF-built ones have them), and for a fast tokenizer (``fast``: a tokenizer.json beside it) name
+    transformers 5's generic class TokenizersBackend, which 4.49 lacks, by its alias PreTrainedTokenizerFast
+    (the same generic fast class in 4.49)."""
     config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
-    if "model_input_names" not in config:
-        config["model_input_names"] = list(gguf.MODEL_INPUT_NAMES)
-        tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    portable = {**config, "model_input_names": config.get("model_input_names") or list(gguf.MODEL_INPUT_NAMES)}
+    if fast and portable.get("tokenizer_class") == "TokenizersBackend":
+        portable["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if portable != config:
+        tokenizer_config.write_text(json.dumps(portable, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

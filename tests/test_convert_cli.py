@@ -83,6 +83,9 @@ def test_plain_export_loads_in_transformers_with_our_logits(tmp_path, plain, tok
     assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]
+    source_class = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    assert tokenizer_config.get("tokenizer_class") == (   # a class transformers 4.49 knows too
+        "PreTrainedTokenizerFast" if source_class == "TokenizersBackend" else source_class)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~current_umask()   # like any new directory, not mkdtemp's 0700
     ids = sample(plain[0])
     np.testing.assert_allclose(transformers_logits(out, ids), np.asarray(forward(*plain, ids)), atol=1e-4, rtol=0)
