@@ -10,7 +10,8 @@ from test_train_helpers import tiny_run_config, train_losses
 
 from jax_controlllm.checkpoint import save_model
 from jax_controlllm.config import ConfigError
-from jax_controlllm.convert import export_hf, load_hf, to_hf_tensors
+from jax_controlllm.convert import load_hf, to_hf_tensors
+from jax_controlllm.convert.export import export_hf
 from jax_controlllm.model.control import trainable_mask
 from jax_controlllm.sharding import make_mesh
 from jax_controlllm.train import EXIT_OK, build_trainer, create_run_dir, train_loop
