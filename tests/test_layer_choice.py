@@ -80,13 +80,27 @@ def test_choose_layers_on_a_tiny_model_gives_n_layers_and_shares():
     entities = generate_entities(EntityConfig(n_new=16, n_revised=0, attributes=("city",), seed=1))
     tokenizer = build_word_tokenizer([q.prompt + q.answer for q in queries(entities)])
     config, params = _tiny(tokenizer)
-    choice = choose_layers(config, params, tokenizer, ["city"], 2, top_n=40, ig_steps=2,
-                           pairs_for=lambda a: make_prompt_pairs(entities, a, tokenizer, pad_id=0))
+    def pairs_for(name):
+        if name == "company":            # as make_prompt_pairs does when the base names too few answers
+            raise ValueError("no clean/corrupted pairs for attribute 'company'")
+        return make_prompt_pairs(entities, name, tokenizer, pad_id=0)
+
+    choice = choose_layers(config, params, tokenizer, ["city", "company"], 2, top_n=40, ig_steps=2,
+                           pairs_for=pairs_for)
     assert len(choice.layers) == 2 and choice.layers == sorted(choice.layers)
     assert all(0 <= i < 3 for i in choice.layers)
     assert sum(choice.shares) == pytest.approx(1.0, abs=1e-4)
     assert choice.layers == top_layers(choice.shares, 2)
-    assert set(choice.pairs) == {"city"} and choice.pairs["city"] > 0
+    assert choice.pairs["city"] > 0 and choice.pairs["company"] == 0
+
+
+def test_choose_layers_skips_relations_without_pairs_and_refuses_when_none_has_any():
+    def pairs_for(name):
+        raise ValueError(f"no clean/corrupted pairs for attribute {name!r}")
+    graph_config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ConfigError, match="expansion.layers: auto found no relation of city, company"):
+        choose_layers(graph_config, None, None, ["city", "company"], 1, pairs_for=pairs_for)
 
 
 def test_auto_is_accepted_by_the_config_and_refused_where_layers_are_built():

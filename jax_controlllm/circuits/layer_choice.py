@@ -5,7 +5,8 @@ the base model recall such a relation for people it already knows? For each of t
 
 1. prompts: the corpus's query template about well-known people (``words.KNOWN_PEOPLE``); the label of each
    prompt is the base model's own greedy first answer token (what it "knows", right or wrong), kept when it is
-   a capitalised word (a named answer, not " the" or " a");
+   a capitalised word (a named answer, not " the" or " a"); a relation with too few named answers to pair is
+   skipped (the base has no recall circuit for it to find), and with none at all the choice is refused;
 2. clean/corrupted pairs of such prompts (``make_prompt_pairs``: same length, different labels);
 3. EAP-IG edge scores on the base model, and its top-``top_n`` circuit (``top_n_circuit``).
 
@@ -49,7 +50,7 @@ AUTO = "auto"
 class LayerChoice:
     layers: list                 # the chosen original-layer indices, ascending
     shares: list                 # per layer: share of the circuits' |edge score| (sums to 1 over layers)
-    pairs: dict                  # attribute -> number of clean/corrupted pairs scored
+    pairs: dict                  # attribute -> number of clean/corrupted pairs scored (0: skipped, no named answers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,11 +119,19 @@ def choose_layers(config: ModelConfig, params, tokenizer, attributes: Sequence[s
     pairs_for = pairs_for or (lambda a: known_subject_pairs(config, params, tokenizer, a))
     shares, counts = np.zeros(config.num_hidden_layers), {}
     for name in attributes:
-        pairs = pairs_for(name)
+        try:
+            pairs = pairs_for(name)
+        except ValueError:               # the base names too few answers for this relation: it has no circuit
+            counts[name] = 0
+            continue
         scores = attribute(config, params, *pairs.args(), method="EAP-IG", ig_steps=ig_steps, batch_size=batch_size)
         shares += layer_shares(scores, top_n)
         counts[name] = len(pairs)
-    shares /= max(len(attributes), 1)
+    used = sum(1 for c in counts.values() if c)
+    if not used:
+        raise ConfigError(f"expansion.layers: auto found no relation of {', '.join(attributes)} that the base model "
+                          f"answers with named answers for known people; list the layers instead")
+    shares /= used
     return LayerChoice(top_layers(shares, n), [round(float(s), 6) for s in shares], counts)
 
 
