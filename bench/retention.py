@@ -135,7 +135,7 @@ def plot_frontier(points: list[dict], path: Path) -> None:
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -185,13 +185,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def merged_points(paths: list[str]) -> list[dict]:
-    """The scored points (final rows and trajectories) of earlier records, tagged with their file."""
+    """The scored points (final rows and trajectories) of earlier records, tagged with their file. Records
+    written before the frontier mode lack a point's family and final step: they are filled in from the method's
+    name and the record's ``train.steps`` override."""
     points = []
     for path in paths:
         record = json.loads(Path(path).read_text())
         for row in record.get("points") or record["rows"] + record.get("trajectories", []):
-            points.append({**row, "from": row.get("from", str(path))})
+            overrides = record.get("shared_overrides", []) + row.get("overrides", [])
+            steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.steps=")]
+            points.append({"family": name_family(row["method"]), "settings": {"overrides": overrides}, **row,
+                           "step": row.get("step") or (steps[-1] if steps else None),
+                           "from": row.get("from", str(path))})
     return points
+
+
+def name_family(method: str) -> str:
+    """The family of a method recorded without one: full, partial, lora, stack, hybrid, else Control LLM."""
+    return method if method in ("full", "partial", "lora", "stack", "hybrid") else "controlllm"
 
 
 def main(argv=None) -> int:
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
     from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 
     base_yaml, shared, methods = method_configs(args.config)
-    chosen = args.methods or list(methods)
+    chosen = list(methods) if args.methods is None else args.methods   # `--methods` alone: none (merge only)
     out = Path(args.out)
     rows, trajectories, base_cache = [], [], {}
     base_model = None
