@@ -179,6 +179,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "plot one acquisition-retention curve per method")
     p.add_argument("--patience", type=int, default=2,
                    help="frontier: stop scoring a method once exact match has not risen for this many checkpoints")
+    p.add_argument("--score-run", action="append", default=[], metavar="RUN_DIR",
+                   help="also score every checkpoint a run directory kept (a run trained by python -m launch.train)")
+    p.add_argument("--note", help="a sentence recorded with the results (how and where they were run)")
     p.add_argument("--merge", action="append", default=[], metavar="JSON",
                    help="frontier: also take the scored points of an earlier record of this script")
     return p.parse_args(argv)
@@ -268,6 +271,15 @@ def main(argv=None) -> int:
             row.update(final_loss(run_dir))
             rows.append(row)
             mine.append(row)
+    for path in map(Path, args.score_run):                 # runs trained elsewhere: score what they kept
+        run = load_config(path / "config.yaml")
+        methods.setdefault(path.name, [])
+        if base_model is None:
+            policy = {k: getattr(run.model, k) for k in ("param_dtype", "frozen_dtype", "compute_dtype")}
+            base_model = load_pretrained(run.base.path, run.base.format, **policy)
+        for step in sorted(int(d.name) for d in (path / "checkpoints").iterdir() if d.name.isdigit()):
+            trajectories.append(score(path.name, run, path, path / "checkpoints" / str(step), f"scored from {path}",
+                                      0.0, step))
     result = {"what": "retention experiment: acquisition vs retention per tuning method",
               "command": "python bench/retention.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "config": args.config, "base_config": base_yaml, "shared_overrides": shared + args.extra,
@@ -276,6 +288,7 @@ def main(argv=None) -> int:
               "machine": {"platform": platform.platform(), "processor": cpu_model(), "cores": os.cpu_count(),
                           "devices": str(jax.devices())},
               "versions": {"jax": jax.__version__, "python": platform.python_version()},
+              **({"note": args.note} if args.note else {}),
               "rows": rows, **({"trajectories": trajectories} if trajectories else {})}
     if args.frontier:
         points = rows + trajectories + merged_points(args.merge)
