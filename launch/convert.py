@@ -144,7 +144,8 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
                 tokenizer: Optional[str] = None, dtype: Optional[str] = None, overwrite: bool = False,
                 atol: float = 1e-4, expanded_from: Optional[str] = None) -> dict:
     """Export one of our checkpoints as a Hugging Face directory, checked against our logits. Returns a report."""
-    from jax_controlllm.convert.hf import load_hf, save_hf
+    from jax_controlllm.convert import merge_back as folding  # the flag of the same name is a bool here
+    from jax_controlllm.convert.hf import load_hf, save_hf, save_hf_tensors
     from jax_controlllm.model.layout import controlled_indices
 
     out_dir = _check_out(out, overwrite)
@@ -165,16 +166,17 @@ def orbax_to_hf(ckpt: str, out: str, merge_back: bool = False, format: Optional[
     ids = sample_ids(config.vocab_size, config.max_position_embeddings)
     with stages("writing " + ("merged-back plain Llama" if merge_back else
                               "Control LLM release format" if controlled else "plain Llama")):
-        report.update(save_hf(config, params, out_dir, dtype=dtype, merge_back=merge_back, sample_ids=ids,
-                              expanded_from=expanded_from))
+        reference_config, reference = config, params
+        if merge_back:      # the export must then reproduce the merged model
+            merged = folding.merge_back(config, params, sample_ids=ids)
+            reference_config, reference = merged.config, merged.params
+            report.update(save_hf_tensors(merged.config, merged.tensors, out_dir, dtype=dtype,
+                                          expansion_provenance=folding.provenance(config)))
+            report.update(merged.report)
+        else:
+            report.update(save_hf(config, params, out_dir, dtype=dtype, expanded_from=expanded_from))
         _write_tokenizer(ckpt, tokenizer, out_dir)
     with stages("reloading the export and comparing logits"):
-        reference_config, reference = config, params
-        if merge_back:
-            from jax_controlllm.convert.hf import from_hf_tensors, to_hf_tensors
-            from jax_controlllm.convert.merge_back import merge_back_tensors, merged_config
-            reference_config = merged_config(config)
-            reference = from_hf_tensors(reference_config, merge_back_tensors(config, to_hf_tensors(config, params)))
         exported_config, exported = load_hf(out_dir, dtype="float32")
         reference_config = _float32(reference_config)
         gap = logit_gap(reference_config, _as_saved(reference, dtype), exported_config, exported, ids)

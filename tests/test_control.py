@@ -11,6 +11,7 @@ from reference import reference_dir
 
 from jax_controlllm.config import MERGE_METHODS, ConfigError, ExpansionConfig, ModelConfig
 from jax_controlllm.convert import load_hf, save_hf, to_hf_tensors
+from jax_controlllm.convert.merge_back import save_merged_hf
 from jax_controlllm.convert.safetensors_io import SafetensorsDir
 from jax_controlllm.losses import controlllm_loss
 from jax_controlllm.model import block_groups, forward, init_params
@@ -70,7 +71,7 @@ def test_merge_back_matches_release():
     config, params = load_hf(REF / "concat_lerp_mse" / "model", dtype="float32")
     expected = np.load(REF / "merge_back_lerp" / "expected.npz")
     out = Path("/tmp") / f"mb-{np.random.randint(1 << 30)}"
-    report = save_hf(config, params, out, merge_back=True, sample_ids=expected["input_ids"])
+    report = save_merged_hf(config, params, out, sample_ids=expected["input_ids"])
     ours, ref = SafetensorsDir(out), SafetensorsDir(REF / "merge_back_lerp" / "model")
     assert set(ours) == set(ref)
     for name in ref:
@@ -286,14 +287,14 @@ def test_merge_back_refuses_unfoldable_methods(tmp_path, base, method):
     config, params = base
     c2, p2 = expand(config, params, ExpansionConfig("concat", 2, merge_method=method), jax.random.PRNGKey(0))
     with pytest.raises(ConfigError, match="no weight-space fold"):
-        save_hf(c2, p2, tmp_path / "m", merge_back=True)
+        save_merged_hf(c2, p2, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
 def test_hybrid_merge_back_gives_plain_llama(tmp_path, base):
     config, params = base
     c2, p2 = expand(config, params, ExpansionConfig("hybrid", 2, merge_method="lerp"), jax.random.PRNGKey(0))
-    report = save_hf(c2, p2, tmp_path / "m", merge_back=True)
+    report = save_merged_hf(c2, p2, tmp_path / "m")
     c3, p3 = load_hf(tmp_path / "m", dtype="float32")
     assert c3.expansion is None and c3.num_hidden_layers == 5
     # at init both branches are equal, so the lerp fold is exact

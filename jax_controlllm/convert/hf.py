@@ -308,27 +308,28 @@ def base_hf_config(config: ModelConfig) -> dict:
 
 
 def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optional[str] = None,
-            merge_back: bool = False, max_shard_bytes: int = 4 * 1024 ** 3,
-            expanded_from: Optional[str] = None, sample_ids=None) -> dict:
+            max_shard_bytes: int = 4 * 1024 ** 3, expanded_from: Optional[str] = None) -> dict:
     """Write ``params`` as a Hugging Face directory. Plain models: LlamaForCausalLM. Expanded models: the
-    release's CausalLMExpansion format, or (``merge_back=True``) folded into a plain Llama. LoRA models: their
-    adapters merged into the kernels, a plain Llama. Returns a report (for merge-back: how far the merged logits
-    move on ``sample_ids`` or a default sample).
-
+    release's CausalLMExpansion format (to fold them into a plain Llama, see ``merge_back.save_merged_hf``).
+    LoRA models: their adapters merged into the kernels first, a plain Llama (the report says so).
     ``expanded_from`` is what the release's loader passes to ``AutoConfig.from_pretrained`` (a hub id or a
     directory). By default the export carries the base's config in ``base_config/`` and names that directory
     by its absolute path, so the export loads offline from any working directory (until it is moved)."""
-    report: dict = {"out_dir": str(out_dir)}
+    merged: dict = {}
     if config.lora is not None:
-        report["lora_merged"] = dataclasses.asdict(config.lora)
+        merged["lora_merged"] = dataclasses.asdict(config.lora)
         config, params = merge_lora(config, params)
-    merged_from = None
-    if merge_back:
-        from jax_controlllm.convert.merge_back import merge_back_params, provenance
-        merged_from = provenance(config)
-        config, params, drift = merge_back_params(config, params, sample_ids=sample_ids)
-        report.update(drift)
-    tensors = to_hf_tensors(config, params)
+    report = save_hf_tensors(config, to_hf_tensors(config, params), out_dir, dtype, max_shard_bytes, expanded_from)
+    return {**report, **merged}
+
+
+def save_hf_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], out_dir: str | Path,
+                    dtype: Optional[str] = None, max_shard_bytes: int = 4 * 1024 ** 3,
+                    expanded_from: Optional[str] = None, expansion_provenance: Optional[dict] = None) -> dict:
+    """Serialise HF-named ``tensors`` of ``config`` (cast to ``dtype``) with their config.json, atomically.
+    ``expansion_provenance`` replaces config.json's expansion entry (a merged-back model records where it came
+    from). Returns {"out_dir": ...}."""
+    report: dict = {"out_dir": str(out_dir)}
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
     extra = {"generation_config.json": {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}}
@@ -336,8 +337,8 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optio
         extra[f"{BASE_CONFIG_DIR}/config.json"] = base_hf_config(config)
         expanded_from = str(Path(out_dir).resolve() / BASE_CONFIG_DIR)
     hf = config_to_hf_dict(config, expanded_from)
-    if merged_from is not None:
-        hf["expansion"] = merged_from
+    if expansion_provenance is not None:
+        hf["expansion"] = expansion_provenance
     hf["torch_dtype"] = str(np.dtype(jnp.dtype(dtype)) if dtype else next(iter(tensors.values())).dtype)
     if hf["torch_dtype"] not in ("float32", "float16", "bfloat16"):
         hf["torch_dtype"] = "float32"

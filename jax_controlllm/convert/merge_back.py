@@ -3,23 +3,28 @@
     lerp:                  W = W_p + t (W_e - W_p),  t = sigmoid(f)            (element-wise)
     slerp, dlerp, dlerpin: each row of the [out, in] matrix slerped with t = sigmoid(f) or sigmoid(b)
 
-This is a weight-space merge, so the merged model is a *different function*; ``merge_back_params`` reports
-how far its logits move on a sample. moe / proj / prog have no faithful fold and are refused. Hybrid models,
+This is a weight-space merge, so the merged model is a *different function*; ``merge_back`` reports how far
+its logits move on a sample. It is a transform of the model applied before serialising: ``save_merged_hf``
+merges, then hands the merged tensors to the HF serialiser (the model is converted to HF tensors once).
+moe / proj / prog have no faithful fold and are refused. Hybrid models,
 whose merge-back crashes in the release, merge here: controlled layers fold, inserted layers stay.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from jax_controlllm.config import ConfigError, ModelConfig
-from jax_controlllm.convert.hf import MERGED_MARKER, from_hf_tensors, to_hf_tensors
+from jax_controlllm.convert.hf import MERGED_MARKER, from_hf_tensors, save_hf_tensors, to_hf_tensors
+from jax_controlllm.model import forward
 from jax_controlllm.model.layout import layer_plan
 
-FOLDABLE = ("lerp", "slerp", "dlerp", "dlerpin")
-_LAYER_TENSORS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+FOLDABLE = ("lerp", "slerp", "dlerp", "dlerpin")     # merge methods with a weight-space fold
+SAMPLE_TOKENS = 64                                    # default drift sample: 2 rows of this many random tokens
 
 
 def _sigmoid(x) -> float:
@@ -77,26 +82,44 @@ def merge_back_tensors(config: ModelConfig, tensors: dict) -> dict:
     return out
 
 
-def merge_back_params(config: ModelConfig, params: dict, sample_ids=None, seed: int = 0):
-    """(plain config, merged params, report with the logit drift on a sample)."""
-    from jax_controlllm.model import forward
+@dataclass(frozen=True)
+class MergedBack:
+    config: ModelConfig          # the plain Llama
+    params: dict                 # its parameters
+    tensors: dict                # the same as HF tensors, ready to serialise
+    report: dict                 # merge method, merged layers, their t, and the logit drift on a sample
 
+
+def merge_back(config: ModelConfig, params: dict, sample_ids=None, seed: int = 0) -> MergedBack:
+    """Fold every controlled layer into a plain layer and measure how far the logits move on ``sample_ids``
+    (default: 2 random rows)."""
     plain = merged_config(config)
-    merged = from_hf_tensors(plain, merge_back_tensors(config, to_hf_tensors(config, params)))
+    tensors = to_hf_tensors(config, params)
+    merged_tensors = merge_back_tensors(config, tensors)
+    merged = from_hf_tensors(plain, merged_tensors)
     if sample_ids is None:
         rng = np.random.default_rng(seed)
-        sample_ids = rng.integers(0, config.vocab_size, size=(2, min(64, config.max_position_embeddings)))
+        sample_ids = rng.integers(0, config.vocab_size, size=(2, min(SAMPLE_TOKENS, config.max_position_embeddings)))
     before = np.asarray(forward(config, params, sample_ids))
     after = np.asarray(forward(plain, merged, sample_ids))
     drift = np.abs(after - before)
-    report = {"merge_method": config.expansion.merge_method,
-              "merged_layers": [i for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"],
-              "merge_weights_t": {i: merge_weight_t(config, to_hf_tensors(config, params), i)
-                                  for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"},
+    controlled = [i for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"]
+    report = {"merge_method": config.expansion.merge_method, "merged_layers": controlled,
+              "merge_weights_t": {i: merge_weight_t(config, tensors, i) for i in controlled},
               "sample_shape": list(np.shape(sample_ids)),
               "max_abs_logit_drift": float(drift.max()), "mean_abs_logit_drift": float(drift.mean()),
               "argmax_agreement": float(np.mean(after.argmax(-1) == before.argmax(-1)))}
-    return plain, merged, report
+    return MergedBack(plain, merged, merged_tensors, report)
+
+
+def save_merged_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optional[str] = None,
+                   max_shard_bytes: int = 4 * 1024 ** 3, sample_ids=None) -> dict:
+    """Merge back, then write the plain Llama as a Hugging Face directory whose config records the expansion
+    it came from. Returns the merge report with the output directory."""
+    merged = merge_back(config, params, sample_ids)
+    written = save_hf_tensors(merged.config, merged.tensors, out_dir, dtype, max_shard_bytes,
+                              expansion_provenance=provenance(config))
+    return {**written, **merged.report}
 
 
 def provenance(config: ModelConfig) -> dict:
