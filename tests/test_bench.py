@@ -133,28 +133,20 @@ def test_retention_frontier_smoke(tmp_path):
     every method's checkpoints are scored, the summary names each method, and the plot is written."""
     import jax
 
+    from jax_controlllm import knowledge as kn
     from jax_controlllm.config import ModelConfig
     from jax_controlllm.convert import save_hf
-    from jax_controlllm.knowledge import (
-        BOS_ID,
-        CorpusConfig,
-        EntityConfig,
-        build_knowledge_dataset,
-        build_word_tokenizer,
-        read_jsonl,
-        save_word_tokenizer,
-    )
     from jax_controlllm.model import init_params
 
-    corpus = build_knowledge_dataset(tmp_path / "vocab", CorpusConfig(EntityConfig(
+    corpus = kn.build_knowledge_dataset(tmp_path / "vocab", kn.CorpusConfig(kn.EntityConfig(
         n_new=4, n_revised=0, attributes=("city",), max_frequency=2, seed=0), seed=0))
-    tokenizer = build_word_tokenizer([r["text"] for r in read_jsonl(corpus["corpus"])])
+    tokenizer = kn.build_word_tokenizer([r["text"] for r in kn.read_jsonl(corpus["corpus"])])
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, bos_token_id=BOS_ID, pad_token_id=0)
+                         max_position_embeddings=64, bos_token_id=kn.BOS_ID, pad_token_id=0)
     base = tmp_path / "base"
     save_hf(config, init_params(config, jax.random.PRNGKey(0)), base)
-    save_word_tokenizer(tokenizer, base)
+    kn.save_word_tokenizer(tokenizer, base)
     (tmp_path / "base.yaml").write_text(FRONTIER_BASE.format(base=base))
     (tmp_path / "frontier.yaml").write_text(
         f"base: {tmp_path / 'base.yaml'}\nmethods:\n  full: [train.mode=full, expansion=null]\n  dlerp: []\n")
