@@ -71,7 +71,7 @@ def required_flops_per_token(preset: str) -> float:
     """bench/train_step.py's required-work count for a preset (forward everywhere, input gradients from the
     first trainable layer, weight gradients of trainable weights): the same number for both roles."""
     from jax_controlllm.config import ExpansionConfig, ModelConfig
-    from jax_controlllm.model.control import expanded_config
+    from jax_controlllm.model.expand import expanded_config
     from jax_controlllm.train.metrics import flops_per_token
 
     spec = train_step.PRESETS[preset]

@@ -154,8 +154,36 @@ class ExpansionConfig:
                f"expected a list of layer indices or auto, got {_show(self.layers)}")
         _check_int_list(self.layers, "expansion.layers")
         if model is not None:
-            from jax_controlllm.model.control import selected_layers  # local: avoid import cycle
             selected_layers(self, self.num_ori_layers or model.num_hidden_layers)
+
+
+def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int]:
+    """Original layers that get an expanded branch (spec §1), validated."""
+    n = expansion.num_exp_layers
+    if expansion.layers == "auto":
+        raise ConfigError("expansion.layers: auto is chosen when a run starts (python -m launch.train); "
+                          "to build a model directly, list the layers")
+    if expansion.layers is not None:
+        layers = sorted(int(i) for i in expansion.layers)
+        bad = [i for i in layers if not 0 <= i < num_ori_layers]
+        if bad:
+            raise ConfigError(f"expansion.layers: indices {bad} are out of range for a model with "
+                              f"{num_ori_layers} layers (valid: 0..{num_ori_layers - 1})")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"expansion.layers: duplicate indices in {expansion.layers}")
+        if not layers:
+            raise ConfigError("expansion.layers: the list is empty")
+        return layers
+    if n > num_ori_layers:
+        raise ConfigError(f"expansion.num_exp_layers: {n} is more than the model's {num_ori_layers} layers")
+    split = max(num_ori_layers // n, 1)
+    layers = [i for i in range(num_ori_layers) if (i + 1) % split == 0]
+    if len(layers) != n:
+        raise ConfigError(
+            f"expansion.num_exp_layers: the release's rule (every {split}-th layer) selects {len(layers)} "
+            f"layers, not {n}, for {num_ori_layers} layers; choose a divisor of {num_ori_layers} or pass the "
+            f"exact indices as expansion.layers, e.g. layers: {layers[:n]}")
+    return layers
 
 
 # --------------------------------------------------------------------------------------------

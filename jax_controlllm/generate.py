@@ -27,9 +27,10 @@ import numpy as np
 
 from jax_controlllm.buckets import batch_bucket, round_up
 from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.layers import Context, rms_norm, rope_tables
 from jax_controlllm.model.layout import block_groups
-from jax_controlllm.model.llama import Context, apply_blocks, embed, logits_from_hidden, rms_norm, rope_tables
 from jax_controlllm.model.params import block_key, group_key
+from jax_controlllm.model.stack import apply_blocks, embed, logits_from_hidden
 from jax_controlllm.tokenizer import (
     chat_prompt,
     encode,

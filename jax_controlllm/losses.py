@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.llama import final_hidden, head_kernel
+from jax_controlllm.model.stack import final_hidden, head_kernel
 
 IGNORE = -100
 

@@ -197,15 +197,6 @@ def named_sharding(mesh, logical_axes: Sequence[Optional[str]], shape: Sequence[
     return NamedSharding(mesh, spec)
 
 
-def param_shardings(config, mesh, rules: Optional[dict] = None) -> dict:
-    """NamedSharding for every parameter of ``config`` (a ModelConfig), from its logical axes."""
-    from jax_controlllm.model.params import _is_spec, param_specs  # local: the model imports this module
-
-    rules = rules or DEFAULT_RULES
-    return jax.tree.map(lambda s: named_sharding(mesh, s.logical_axes, s.shape, rules), param_specs(config),
-                        is_leaf=_is_spec)
-
-
 def batch_axes(mesh, rules: Optional[dict] = None) -> tuple[str, ...]:
     """Mesh axes the batch dimension is split over (the "act_batch" rule, restricted to this mesh)."""
     rules = rules or DEFAULT_RULES

@@ -22,7 +22,7 @@ def tiny_model(tiny_config):
     initialised from PRNGKey(seed); with an ExpansionConfig, expanded with PRNGKey(seed + 1)."""
     import jax
 
-    from jax_controlllm.model.control import expand
+    from jax_controlllm.model.expand import expand
     from jax_controlllm.model.params import init_params
 
     def make(seed: int = 0, expansion=None, **overrides):

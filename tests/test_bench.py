@@ -28,7 +28,7 @@ def test_flops_per_token_matches_the_peer_estimate():
     import train_step
 
     from jax_controlllm.config import ExpansionConfig, ModelConfig
-    from jax_controlllm.model.control import expanded_config
+    from jax_controlllm.model.expand import expanded_config
     from jax_controlllm.train.metrics import flops_per_token
 
     preset = train_step.PRESETS["w1"]
@@ -177,7 +177,7 @@ def test_peer_harness_expands_the_layers_we_expand(preset):
     """The expanded config the release is given controls the same layers as our expansion of the same preset
     (W1: 3, 7, ..., 31), so both sides time the same model."""
     from jax_controlllm.config import ExpansionConfig, ModelConfig
-    from jax_controlllm.model.control import expanded_config
+    from jax_controlllm.model.expand import expanded_config
     from jax_controlllm.model.layout import controlled_indices
 
     peer_w1, train_step = bench_module("peer_w1"), bench_module("train_step")

@@ -15,7 +15,7 @@ from jax_controlllm.circuits.evaluate import patched_logit_difference
 from jax_controlllm.circuits.nodes import last_position, logit_difference
 from jax_controlllm.config import ExpansionConfig, ModelConfig
 from jax_controlllm.model import forward, init_params
-from jax_controlllm.model.control import expand
+from jax_controlllm.model.expand import expand
 
 V, T, N = 48, 6, 4
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -12,7 +12,7 @@ from jax_controlllm.checkpoint import save_model
 from jax_controlllm.config import ConfigError
 from jax_controlllm.convert import load_hf, to_hf_tensors
 from jax_controlllm.convert.export import export_hf
-from jax_controlllm.model.control import trainable_mask
+from jax_controlllm.model.params import trainable_mask
 from jax_controlllm.sharding import make_mesh
 from jax_controlllm.train import EXIT_OK, build_trainer, create_run_dir, train_loop
 from jax_controlllm.train.setup import base_model_config, trained_model_config

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from reference import reference_dir
 
-from jax_controlllm.config import MERGE_METHODS, ConfigError, ExpansionConfig, ModelConfig
+from jax_controlllm.config import MERGE_METHODS, ConfigError, ExpansionConfig, ModelConfig, selected_layers
 from jax_controlllm.convert import load_hf, save_hf, to_hf_tensors
 from jax_controlllm.convert.merge_back import save_merged_hf
 from jax_controlllm.convert.safetensors_io import SafetensorsDir
 from jax_controlllm.losses import controlllm_loss
 from jax_controlllm.model import block_groups, forward, init_params
-from jax_controlllm.model.control import expand, trainable_mask
-from jax_controlllm.model.layout import selected_layers
+from jax_controlllm.model.expand import expand
+from jax_controlllm.model.params import trainable_mask
 
 REF = reference_dir("controlllm")
 CASES = sorted(p.name for p in REF.iterdir() if (p / "base").is_dir()) if REF.is_dir() else []
@@ -136,7 +136,7 @@ def test_every_kth_layer_controlled_compiles_as_a_scan_over_groups():
     for layers in (32, 64):
         config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=layers,
                              num_attention_heads=2)
-        from jax_controlllm.model.control import expanded_config
+        from jax_controlllm.model.expand import expanded_config
         config2 = expanded_config(config, ExpansionConfig("concat", layers // 4))
         segs = block_groups(config2)
         structures.append([(len(s.pattern), s.repeats * 4 // layers) for s in segs if s.repeats > 1])

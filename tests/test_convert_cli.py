@@ -14,7 +14,7 @@ from jax_controlllm.checkpoint import save_model
 from jax_controlllm.config import ExpansionConfig, ModelConfig
 from jax_controlllm.convert import load_hf, save_hf
 from jax_controlllm.model import forward, init_params
-from jax_controlllm.model.control import expand
+from jax_controlllm.model.expand import expand
 from launch import convert
 
 torch = pytest.importorskip("torch")

@@ -20,7 +20,7 @@ from jax_controlllm.generate import (
     sample_next,
 )
 from jax_controlllm.model import forward
-from jax_controlllm.model.control import expand
+from jax_controlllm.model.expand import expand
 from jax_controlllm.tokenizer import TokenizerError, chat_prompt
 
 VOCAB = 101

@@ -108,7 +108,7 @@ def test_auto_is_accepted_by_the_config_and_refused_where_layers_are_built():
     assert run.expansion.layers == "auto"
     with pytest.raises(ConfigError, match="expansion.layers: expected a list of layer indices or auto"):
         load_config("configs/default.yaml", ["expansion.layers=everything"])
-    from jax_controlllm.model.layout import selected_layers
+    from jax_controlllm.config import selected_layers
     with pytest.raises(ConfigError, match="expansion.layers: auto"):
         selected_layers(run.expansion, 30)
 

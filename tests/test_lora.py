@@ -10,8 +10,7 @@ from test_train_helpers import TINY, paths, tiny_run_config
 
 from jax_controlllm.config import ConfigError, LoraConfig, load_config
 from jax_controlllm.losses import controlllm_loss
-from jax_controlllm.model import forward, init_params
-from jax_controlllm.model.llama import final_hidden
+from jax_controlllm.model import final_hidden, forward, init_params
 from jax_controlllm.model.lora import add_lora, merge_lora
 from jax_controlllm.sharding import DEFAULT_RULES, logical_to_spec
 from jax_controlllm.train import (

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from jax_controlllm.config import MERGE_METHODS, ExpansionConfig, ModelConfig
-from jax_controlllm.model.control import expand, trainable_mask
-from jax_controlllm.model.params import init_params
+from jax_controlllm.model.expand import expand
+from jax_controlllm.model.params import init_params, trainable_mask
 from jax_controlllm.train import SyntheticTokens, partition
 from jax_controlllm.train.step import loss_and_grads
 

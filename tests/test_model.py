@@ -7,7 +7,7 @@ from hf_models import VARIANTS, hf_logits, make_hf_llama
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.convert import load_hf
 from jax_controlllm.model import block_groups, forward, init_params
-from jax_controlllm.model.llama import rope_inv_freq
+from jax_controlllm.model.layers import rope_inv_freq
 
 torch = pytest.importorskip("torch")
 SEQ = 512

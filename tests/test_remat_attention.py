@@ -10,7 +10,8 @@ import pytest
 from jax_controlllm.config import ExpansionConfig, ModelConfig
 from jax_controlllm.losses import controlllm_loss
 from jax_controlllm.model import init_params
-from jax_controlllm.model.control import expand, trainable_mask
+from jax_controlllm.model.expand import expand
+from jax_controlllm.model.params import trainable_mask
 from jax_controlllm.train.state import combine, partition
 
 on_gpu = jax.devices()[0].platform == "gpu"

@@ -5,6 +5,7 @@ from jax.sharding import PartitionSpec as P
 from test_train_helpers import check, run_python
 
 from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.params import param_shardings
 from jax_controlllm.sharding import (
     DEFAULT_RULES,
     MeshError,
@@ -16,7 +17,6 @@ from jax_controlllm.sharding import (
     make_mesh,
     mesh_axis_names,
     mesh_rules,
-    param_shardings,
     parse_mesh_shape,
 )
 
@@ -107,7 +107,8 @@ def test_shardings_on_a_simulated_4x8_mesh():
 import jax
 from jax.sharding import PartitionSpec as P
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.sharding import make_mesh, param_shardings, batch_sharding
+from jax_controlllm.model.params import param_shardings
+from jax_controlllm.sharding import make_mesh, batch_sharding
 config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=8, num_key_value_heads=8)
 mesh = make_mesh("4x8")

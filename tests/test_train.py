@@ -9,8 +9,7 @@ import pytest
 from test_train_helpers import paths, read_metrics, tiny_run_config
 
 from jax_controlllm.config import ConfigError
-from jax_controlllm.model.control import trainable_mask
-from jax_controlllm.model.params import init_params
+from jax_controlllm.model.params import init_params, trainable_mask
 from jax_controlllm.sharding import make_mesh
 from jax_controlllm.train import (
     EXIT_NONFINITE,
@@ -112,7 +111,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     run = tiny_run_config()
     config = trained_model_config(run, base_model_config(run))
     base = base_model_config(run)
-    from jax_controlllm.model.control import expand
+    from jax_controlllm.model.expand import expand
     _, params = expand(base, init_params(base, jax.random.key(0)), run.expansion, jax.random.key(1))
     trainable, frozen = partition(params, trainable_mask(config))
     # make the expanded branch differ from the pretrained one, so the divergence term is not zero

@@ -33,7 +33,7 @@ from jax_controlllm.circuits.graph import Graph
 from jax_controlllm.circuits.nodes import RunOutput, circuit_model, last_position, logit_difference, model_graph, run
 from jax_controlllm.circuits.readers import PlainReader, TapReader, assemble_scores, tap_coefficients, tap_deltas
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.llama import embed
+from jax_controlllm.model.stack import embed
 
 METHODS = ("EAP", "EAP-IG")
 

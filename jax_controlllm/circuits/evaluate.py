@@ -28,7 +28,7 @@ from jax_controlllm.circuits.circuit import Circuit
 from jax_controlllm.circuits.nodes import circuit_model, final_logits, last_position, logit_difference, model_graph, run
 from jax_controlllm.circuits.readers import PatchReader
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.llama import embed
+from jax_controlllm.model.stack import embed
 
 
 @dataclass

@@ -35,7 +35,8 @@ from jax_controlllm.circuits.nodes import (
 )
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.model import layer_plan
-from jax_controlllm.model.llama import apply_rope, attention_probs, head_kernel, rms_norm
+from jax_controlllm.model.layers import apply_rope, attention_probs, rms_norm
+from jax_controlllm.model.stack import head_kernel
 
 HEAD_CLASSES = ("mover", "relation", "mixture")
 

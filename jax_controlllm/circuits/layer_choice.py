@@ -39,7 +39,7 @@ from jax_controlllm.knowledge import (
     make_prompt_pairs,
 )
 from jax_controlllm.knowledge.words import KNOWN_PEOPLE
-from jax_controlllm.model.llama import forward
+from jax_controlllm.model.stack import forward
 from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 from jax_controlllm.train.setup import load_base_weights
 

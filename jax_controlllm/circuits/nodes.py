@@ -41,21 +41,19 @@ from jax_controlllm.config import ModelConfig
 from jax_controlllm.convert import from_hf_tensors
 from jax_controlllm.model import layer_plan, unstack_blocks
 from jax_controlllm.model.control import expanded_norm_relax, merge_coefficients
-from jax_controlllm.model.llama import (
+from jax_controlllm.model.layers import (
     Context,
     apply_rope,
-    attention_mask_for,
     attention_weights_xla,
     dense_per_head,
-    head_kernel,
     head_outputs,
     mlp,
     norm_mix,
     rms_norm,
     rope_tables,
-    token_mask_for,
 )
 from jax_controlllm.model.lora import merge_lora
+from jax_controlllm.model.stack import attention_mask_for, head_kernel, token_mask_for
 
 # ----------------------------------------------------------------------------------------------
 # The model, as the graph sees it

@@ -57,7 +57,7 @@ def load_pretrained(path: str | Path, format: str = "auto", dtype: Optional[str]
     from jax_controlllm.checkpoint import load_model
     config, params = load_model(path, as_numpy=as_numpy)
     if policy:
-        from jax_controlllm.model.control import cast_to_specs
+        from jax_controlllm.model.expand import cast_to_specs
         config = dataclasses.replace(config, **policy)
         params = cast_to_specs(config, params)
     return config, params

@@ -21,7 +21,7 @@ from jax_controlllm.evaluate.batches import as_batch, progress_bar
 from jax_controlllm.evaluate.readers import EvalInputError
 from jax_controlllm.generate import Static
 from jax_controlllm.losses import cross_entropy_sum
-from jax_controlllm.model.llama import final_hidden, logits_from_hidden
+from jax_controlllm.model.stack import final_hidden, logits_from_hidden
 from jax_controlllm.tokenizer import encode
 
 

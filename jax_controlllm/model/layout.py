@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from jax_controlllm.config import ConfigError, ExpansionConfig, ModelConfig
+from jax_controlllm.config import ConfigError, ModelConfig, selected_layers
 
 
 @dataclass(frozen=True)
@@ -38,35 +38,6 @@ class BlockGroup:
 
     def block_index(self, repeat: int, position: int) -> int:
         return self.start + repeat * len(self.pattern) + position
-
-
-def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int]:
-    """Original layers that get an expanded branch (spec §1), validated."""
-    n = expansion.num_exp_layers
-    if expansion.layers == "auto":
-        raise ConfigError("expansion.layers: auto is chosen when a run starts (python -m launch.train); "
-                          "to build a model directly, list the layers")
-    if expansion.layers is not None:
-        layers = sorted(int(i) for i in expansion.layers)
-        bad = [i for i in layers if not 0 <= i < num_ori_layers]
-        if bad:
-            raise ConfigError(f"expansion.layers: indices {bad} are out of range for a model with "
-                              f"{num_ori_layers} layers (valid: 0..{num_ori_layers - 1})")
-        if len(set(layers)) != len(layers):
-            raise ConfigError(f"expansion.layers: duplicate indices in {expansion.layers}")
-        if not layers:
-            raise ConfigError("expansion.layers: the list is empty")
-        return layers
-    if n > num_ori_layers:
-        raise ConfigError(f"expansion.num_exp_layers: {n} is more than the model's {num_ori_layers} layers")
-    split = max(num_ori_layers // n, 1)
-    layers = [i for i in range(num_ori_layers) if (i + 1) % split == 0]
-    if len(layers) != n:
-        raise ConfigError(
-            f"expansion.num_exp_layers: the release's rule (every {split}-th layer) selects {len(layers)} "
-            f"layers, not {n}, for {num_ori_layers} layers; choose a divisor of {num_ori_layers} or pass the "
-            f"exact indices as expansion.layers, e.g. layers: {layers[:n]}")
-    return layers
 
 
 def layer_plan(config: ModelConfig) -> list[Block]:

@@ -3,7 +3,7 @@
     y = x W + (alpha / r) dropout(x) A B        A [in, r] ~ U(-1/sqrt(in), 1/sqrt(in)),  B [r, out] = 0 at the start
 
 An adapter lives beside the kernel it adapts (``.../q_proj/{kernel, lora_a, lora_b}``, declared with the other
-weights in params.py) and the model's one projection path adds its update (``llama.project``), so a LoRA model
+weights in params.py) and the model's one projection path adds its update (``layers.project``), so a LoRA model
 has no forward of its own. Merging folds the adapters into the kernels, W' = W + (alpha / r) A B, which gives
 back a plain Llama (and, transposed, Hugging Face's weight[out, in] += (alpha / r) B_peft A_peft).
 """

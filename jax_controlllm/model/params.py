@@ -16,6 +16,7 @@ import numpy as np
 
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.model.layout import Block, block_groups
+from jax_controlllm.sharding import DEFAULT_RULES, named_sharding
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class ParamSpec:
         return ParamSpec((repeats, *self.shape), ("layers", *self.logical_axes), self.init, self.trainable, self.dtype)
 
 
-def _is_spec(x) -> bool:
+def is_spec(x) -> bool:
+    """A ParamSpec leaf (for tree maps over spec trees)."""
     return isinstance(x, ParamSpec)
 
 
@@ -133,7 +135,7 @@ def param_specs(config: ModelConfig) -> dict:
              "layers": {}}
     for i, group in enumerate(block_groups(c)):
         specs["layers"][group_key(i)] = {
-            block_key(j): jax.tree.map(lambda s: s.stacked(group.repeats), block_specs(c, b), is_leaf=_is_spec)
+            block_key(j): jax.tree.map(lambda s: s.stacked(group.repeats), block_specs(c, b), is_leaf=is_spec)
             for j, b in enumerate(group.pattern)}
     specs["norm"] = {"weight": ParamSpec((c.hidden_size,), ("norm",), "ones", train_outer, outer_dt)}
     if not c.tie_word_embeddings:
@@ -142,7 +144,8 @@ def param_specs(config: ModelConfig) -> dict:
     return specs
 
 
-def _init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
+def init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
+    """A freshly initialised array for ``spec``."""
     dtype = jnp.dtype(spec.dtype)
     shape = spec.shape
     if spec.init == "zeros":
@@ -165,9 +168,9 @@ def _init_leaf(spec: ParamSpec, key, config: ModelConfig) -> jax.Array:
 
 def init_leaves(specs: dict, rng, config: ModelConfig) -> dict:
     """Initial values of a tree of ParamSpecs (the whole model or a part of it), deterministic from ``rng``."""
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(rng, max(len(leaves), 1))
-    return jax.tree.unflatten(treedef, [_init_leaf(s, k, config) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [init_leaf(s, k, config) for s, k in zip(leaves, keys)])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -178,15 +181,24 @@ def init_params(config: ModelConfig, rng) -> dict:
 
 def abstract_params(config: ModelConfig) -> dict:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
-                        is_leaf=_is_spec)
+                        is_leaf=is_spec)
 
 
 def logical_axes(config: ModelConfig) -> dict:
-    return jax.tree.map(lambda s: s.logical_axes, param_specs(config), is_leaf=_is_spec)
+    return jax.tree.map(lambda s: s.logical_axes, param_specs(config), is_leaf=is_spec)
 
 
-def spec_trainable(config: ModelConfig) -> dict:
-    return jax.tree.map(lambda s: s.trainable, param_specs(config), is_leaf=_is_spec)
+def trainable_mask(config: ModelConfig) -> dict:
+    """Pytree of bools: which leaves the optimizer updates. Frozen: original layers, embeddings, final norm,
+    LM head and (with freeze_interpolation_factor) the lerp-family factors / dlerp gate bias."""
+    return jax.tree.map(lambda s: s.trainable, param_specs(config), is_leaf=is_spec)
+
+
+def param_shardings(config: ModelConfig, mesh, rules: Optional[dict] = None) -> dict:
+    """NamedSharding for every parameter of ``config``, from its logical axes and the sharding rules."""
+    rules = rules or DEFAULT_RULES
+    return jax.tree.map(lambda s: named_sharding(mesh, s.logical_axes, s.shape, rules), param_specs(config),
+                        is_leaf=is_spec)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,12 +18,11 @@ import jax
 import numpy as np
 import optax
 
-from jax_controlllm.config import ConfigError, ExpansionConfig, LoraConfig, ModelConfig, RunConfig
-from jax_controlllm.model.control import cast_to_specs, expand, expanded_config, trainable_mask
-from jax_controlllm.model.layout import selected_layers
+from jax_controlllm.config import ConfigError, ExpansionConfig, LoraConfig, ModelConfig, RunConfig, selected_layers
+from jax_controlllm.model.expand import cast_to_specs, expand, expanded_config
 from jax_controlllm.model.lora import add_lora, lora_config, merge_lora
-from jax_controlllm.model.params import abstract_params, init_params, relayout
-from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules, param_shardings
+from jax_controlllm.model.params import abstract_params, init_params, param_shardings, relayout, trainable_mask
+from jax_controlllm.sharding import batch_axes, data_parallel_size, mesh_rules
 from jax_controlllm.train.state import (
     TrainState,
     count_params,

@@ -21,7 +21,8 @@ import optax
 from jax_controlllm.config import ModelConfig, TrainConfig
 from jax_controlllm.losses import controlllm_loss, next_token_targets
 from jax_controlllm.model.layout import controlled_indices
-from jax_controlllm.sharding import activation_sharding, batch_sharding, param_shardings, replicated
+from jax_controlllm.model.params import param_shardings
+from jax_controlllm.sharding import activation_sharding, batch_sharding, replicated
 from jax_controlllm.train.state import TrainState, combine, partition
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
