@@ -322,7 +322,10 @@ def _check(ok: bool, where: str, message: str) -> None:
 
 
 def _check_int_list(values: Optional[list], where: str) -> None:
-    bad = [v for v in values or [] if isinstance(v, bool) or not isinstance(v, int)]
+    if values is None:
+        return
+    _check(isinstance(values, (list, tuple)), where, f"expected a list of layer indices, got {_show(values)}")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
     _check(not bad, where, f"expected a list of layer indices (integers), got {_show(values)}")
 
 

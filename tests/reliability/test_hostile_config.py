@@ -3,6 +3,7 @@ a validated RunConfig or raises a ConfigError with a message; never another exce
 import copy
 import dataclasses
 import time
+import types
 import typing
 
 import pytest
@@ -11,7 +12,7 @@ from harness import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jax_controlllm.config import ConfigError, RunConfig, _unwrap_optional, load_config
+from jax_controlllm.config import ConfigError, RunConfig, load_config
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY_DATA = yaml.safe_load(TINY.read_text())
@@ -26,13 +27,21 @@ def load_or_config_error(*args, **kwargs) -> None:
     assert time.perf_counter() - start < 10
 
 
+def unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def field_paths(cls, prefix=()) -> list[tuple]:
     """Dotted paths of every field of the run config, nested sections included."""
     hints = typing.get_type_hints(cls)
     paths = []
     for f in dataclasses.fields(cls):
         paths.append(prefix + (f.name,))
-        inner = _unwrap_optional(hints[f.name])
+        inner = unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(inner) and inner is not cls:
             paths.extend(field_paths(inner, prefix + (f.name,)))
     return paths
@@ -45,6 +54,23 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=8)
 SMALL_INTS = st.one_of(st.integers(-3, 70), st.lists(st.integers(-3, 70), max_size=5))
+
+
+EVERY_KIND = [None, True, 0, 1, -1, 2**70, 1.5, float("nan"), "", "x", "auto", [], [1], [1, "a"], [[1]], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("path", FIELDS, ids=".".join)
+def test_every_kind_of_value_in_every_field(path):
+    """Deterministic sweep (the random search below found `expansion.layers: 1` only on some seeds)."""
+    for value in EVERY_KIND:
+        data = copy.deepcopy(TINY_DATA)
+        node = data
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
+        load_or_config_error(data=data)
 
 
 @PROPERTY
