@@ -131,7 +131,7 @@ def evolve_command(argv) -> int:
         indent=1))
     plots = plot_evolution(evolution, out)
     for c in evolution.checkpoints:
-        hits = "-" if c.hit_at_k is None else f"{c.hit_at_k:.2f}"
+        hits = "-" if c.hit_at_k is None else f"{c.hit_at_k:.2f} zero-ablated, {c.hit_at_k_mean:.2f} mean-ablated"
         print(f"{c.name}: {c.n_edges} edges, {c.n_nodes} nodes, faithfulness {c.faithfulness:.3f}, "
               f"Hit@{args.hit_k} {hits} (model {c.model_hit_at_k:.2f})")
     print(f"phase change at {evolution.checkpoints[evolution.phase_change].name}; wrote {out / 'evolution.json'}, "

@@ -11,7 +11,9 @@ import pytest
 
 from jax_controlllm.circuits import attribute, circuit_model, faithfulness, full_circuit, hit_at_k
 from jax_controlllm.circuits.attribute import plain_run
-from jax_controlllm.circuits.evaluate import patched_logit_difference
+from jax_controlllm.circuits.batching import prepare
+from jax_controlllm.circuits.circuit import circuit_from_edges
+from jax_controlllm.circuits.evaluate import mean_reference, patched_logit_difference
 from jax_controlllm.circuits.nodes import last_position, logit_difference
 from jax_controlllm.config import ExpansionConfig, ModelConfig
 from jax_controlllm.model import forward, init_params
@@ -146,3 +148,37 @@ def test_eap_scores_are_the_derivative_of_edge_patching(name):
         expected = (values[0] - values[1]) / (2 * eps)
         scale = np.abs(scores.matrix).max()
         assert abs(scores.matrix[u, v] - expected) < 2e-3 * scale, (edge, scores.matrix[u, v], expected)
+
+
+@pytest.mark.parametrize("name", ["biases_llama3_rope", "dlerp", "hybrid_dlerp"])
+def test_mean_ablation_reference_is_the_mean_over_prompts_reaching_each_position(name):
+    config, params = make_model(name)
+    clean, _, cl, _, lengths = make_prompts()
+    model = circuit_model(config, params)
+    prompts = prepare(clean, None, cl, None, lengths, V)
+    mean = mean_reference(model.config, model.weights, prompts, batch_size=3)     # two chunks, one partial
+    sources = np.asarray(plain_run(model.config, model.weights, jnp.asarray(clean)).sources)   # [S, N, T, D]
+    reach = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)                         # [N, T]
+    expected = (sources * reach[None, :, :, None]).sum(1) / reach.sum(0)[None, :, None]
+    got = np.concatenate([np.asarray(g) for g in mean.reads[-1]], axis=0)[:, 0, :T]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear_rope_tied", "dlerp", "stack"])
+def test_mean_ablation_of_identical_prompts_is_the_model_whatever_the_circuit(name):
+    """Every prompt the same: the mean of a node's outputs is its own output, so ablating any edge to the mean
+    changes nothing, while zero-ablating half the edges does."""
+    config, params = make_model(name)
+    clean, _, cl, _, _ = make_prompts()
+    same, labels, lengths = np.repeat(clean[:1], N, 0), np.full(N, cl[0]), np.full(N, T)
+    model = circuit_model(config, params)
+    half = circuit_from_edges(model.graph, np.random.RandomState(0).rand(*model.graph.valid.shape) < 0.5, prune=False)
+    _, model_ranks = hit_at_k(config, model, None, same, labels, lengths, k=3)
+    _, mean_ranks = hit_at_k(config, model, half, same, labels, lengths, k=3, ablation="mean")
+    np.testing.assert_array_equal(mean_ranks, model_ranks)
+    _, zero_ranks = hit_at_k(config, model, half, same, labels, lengths, k=3)
+    assert not np.array_equal(zero_ranks, model_ranks)
+    logits = np.asarray(forward(config, params, same))[:, -1]
+    np.testing.assert_array_equal(model_ranks, (logits > logits[:, cl[0]][:, None]).sum(1))
+    with pytest.raises(ValueError, match="ablation 'median' is not one of zero, mean"):
+        hit_at_k(config, model, half, same, labels, lengths, ablation="median")

@@ -59,9 +59,11 @@ class CheckpointAnalysis:
     faithfulness: float
     metric_clean: float
     metric_corrupted: float
-    hit_at_k: Optional[float]                 # the circuit's (None for an empty circuit)
+    hit_at_k: Optional[float]                 # the circuit's, other edges zero-ablated (None: empty circuit)
+    hit_at_k_mean: Optional[float]            # the circuit's, other edges mean-ablated (evaluate.py)
     model_hit_at_k: float                     # the full model's
-    size_curve: list                          # per size: requested, n_edges, fraction, faithfulness, hit_at_k
+    size_curve: list                          # per size: requested, n_edges, fraction, faithfulness, hit_at_k,
+                                              # hit_at_k_mean
     acquisition: dict                         # knowledge type -> {"n", "hit@1", "hit@k"} (full model, probes)
     attribution_seconds: float
     attribution_prompts_per_s: float
@@ -155,9 +157,11 @@ def analyze_checkpoint(name: str, config, params, pairs, settings: EvolutionSett
         circuit_fraction=circuit.n_edges / graph.n_edges, n_nodes=circuit.n_nodes, edge_entropy=circuit.entropy,
         faithfulness=curve["faithfulness"][chosen], metric_clean=curve["metric_clean"],
         metric_corrupted=curve["metric_corrupted"], hit_at_k=curve["hit_at_k"][chosen],
-        model_hit_at_k=curve["model_hit_at_k"],
+        hit_at_k_mean=curve["hit_at_k_mean"][chosen], model_hit_at_k=curve["model_hit_at_k"],
         size_curve=[{"requested": n, "n_edges": c.n_edges, "fraction": c.n_edges / graph.n_edges, "faithfulness": f,
-                     "hit_at_k": h} for n, c, f, h in zip(sizes, circuits, curve["faithfulness"], curve["hit_at_k"])],
+                     "hit_at_k": h, "hit_at_k_mean": hm}
+                    for n, c, f, h, hm in zip(sizes, circuits, curve["faithfulness"], curve["hit_at_k"],
+                                              curve["hit_at_k_mean"])],
         acquisition={} if probes is None else acquisition_by_kind(config, model, probes, s),
         attribution_seconds=seconds, attribution_prompts_per_s=len(lengths) / seconds,
         layer_activation_ratio=layer_activation_ratio(circuit), head_classes=head_classes,

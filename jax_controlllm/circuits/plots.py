@@ -61,7 +61,9 @@ def plot_evolution(evolution: Evolution, out_dir) -> dict[str, Path]:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(5.0, 0.6 * len(cps) + 3), 6), sharex=True)
     top.plot(x, [c.faithfulness for c in cps], "o-", label="faithfulness")
     top.plot(x, [np.nan if c.hit_at_k is None else c.hit_at_k for c in cps], "s-",
-             label=f"Hit@{evolution.settings.hit_k} (circuit)")
+             label=f"Hit@{evolution.settings.hit_k} (circuit, zero-ablated)")
+    top.plot(x, [np.nan if c.hit_at_k_mean is None else c.hit_at_k_mean for c in cps], "v-",
+             label=f"Hit@{evolution.settings.hit_k} (circuit, mean-ablated)")
     top.plot(x, [c.model_hit_at_k for c in cps], "^--", label=f"Hit@{evolution.settings.hit_k} (model)")
     top.plot(x, evolution.node_jaccard, "d-", label="node Jaccard vs final")
     top.plot(x, evolution.edge_jaccard, "x-", label="edge Jaccard vs final")
@@ -108,7 +110,9 @@ def plot_size_curve(plt, evolution: Evolution, path: Path) -> Path:
         x = [100 * p["fraction"] for p in c.size_curve]
         left.plot(x, [p["faithfulness"] for p in c.size_curve], "o-", color=color, label=c.name)
         right.plot(x, [np.nan if p["hit_at_k"] is None else p["hit_at_k"] for p in c.size_curve], "o-",
-                   color=color, label=c.name)
+                   color=color, label=f"{c.name}, zero-ablated")
+        right.plot(x, [np.nan if p.get("hit_at_k_mean") is None else p["hit_at_k_mean"] for p in c.size_curve],
+                   "v--", color=color, label=f"{c.name}, mean-ablated")
         right.axhline(c.model_hit_at_k, color=color, linestyle=":", linewidth=1)
     for ax, label in ((left, "faithfulness"), (right, f"Hit@{k} (circuit; dotted: whole model)")):
         ax.set_xscale("log")
@@ -117,6 +121,7 @@ def plot_size_curve(plt, evolution: Evolution, path: Path) -> Path:
         ax.grid(alpha=0.3)
     left.axhline(1.0, color="grey", linewidth=0.8)
     left.legend(fontsize=7)
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
