@@ -29,6 +29,8 @@ class KnowledgeSpec:
     frequency_exponent: float = 1.2
     held_out_phrasing: bool = False
     seed: int = 0
+    replay_documents: int = 0        # the base model's own text mixed in (knowledge/replay.py); 0: none
+    replay_weight: float = 0.5       # sampling weight of a replay document relative to a corpus document
 
 
 @dataclass
@@ -64,13 +66,40 @@ def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> Optional[dict]:
         entities.validate()
     except ValueError as err:
         raise ConfigError(f"knowledge: {err}") from None
+    if spec.replay_documents < 0 or not spec.replay_weight > 0:
+        raise ConfigError(f"knowledge: replay_documents must be >= 0 and replay_weight > 0, got "
+                          f"{spec.replay_documents} and {spec.replay_weight}")
     paths = build_knowledge_dataset(Path(run_dir) / "knowledge",
                                     CorpusConfig(entities, spec.held_out_phrasing, spec.seed))
+    sources = [{"path": str(paths["corpus"])}]
+    if spec.replay_documents:
+        paths["replay"] = write_replay(run, Path(run_dir), spec)
+        sources.append({"path": str(paths["replay"]), "weight": spec.replay_weight})
     data = dict(run.data or {})
     if not data.get("sources") and data.get("source") != "synthetic":
-        data["sources"] = [{"path": str(paths["corpus"])}]
+        data["sources"] = sources
         run.data = data
     return {k: str(v) for k, v in paths.items()}
+
+
+def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeSpec) -> Path:
+    """run_dir/knowledge/replay.jsonl: the base model's continuations of neutral openers (written once; a
+    resume reads the same file)."""
+    from jax_controlllm.knowledge.corpus import write_corpus_jsonl
+    from jax_controlllm.knowledge.replay import replay_documents
+    from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
+    from jax_controlllm.train.setup import load_base_weights
+
+    path = run_dir / "knowledge" / "replay.jsonl"
+    if path.is_file():
+        return path
+    if run.base.path is None:
+        raise ConfigError("knowledge.replay_documents: replay text is written by the base model, but base.path is "
+                          "not set; set base.path or knowledge.replay_documents: 0")
+    config, params = load_base_weights(run)
+    docs = replay_documents(config, params, load_tokenizer(run_tokenizer_source(run, run_dir)),
+                            spec.replay_documents, seed=spec.seed)
+    return write_corpus_jsonl(path, docs)
 
 
 def _retention_probes():

@@ -1,0 +1,78 @@
+"""Replay text (knowledge/replay.py): the base model's own continuations of neutral openers, mixed into the
+knowledge corpus by prepare_knowledge (knowledge.replay_documents / replay_weight)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from jax_controlllm import knowledge as kn
+from jax_controlllm.config import ConfigError, ModelConfig, load_config
+from jax_controlllm.convert.hf import save_hf
+from jax_controlllm.experiment import prepare_knowledge
+from jax_controlllm.knowledge.replay import OPENERS, replay_documents
+from jax_controlllm.model import init_params
+from jax_controlllm.retention.general import FACTS
+from jax_controlllm.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """A tiny random Llama whose word tokenizer knows the openers, saved as an HF directory."""
+    tokenizer = kn.build_word_tokenizer(list(OPENERS))
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=kn.BOS_ID, pad_token_id=0, eos_token_id=2)
+    params = init_params(config, jax.random.PRNGKey(0))
+    base = tmp_path_factory.mktemp("replay") / "base"
+    save_hf(config, params, base)
+    kn.save_word_tokenizer(tokenizer, base)
+    return config, params, load_tokenizer(base), base
+
+
+def test_openers_ask_for_none_of_the_retention_facts():
+    prompts = {p.lower() for p, _ in FACTS}
+    assert not any(o.lower().startswith(p) or p in o.lower() for o in OPENERS for p in prompts)
+    assert len(set(OPENERS)) == len(OPENERS)
+
+
+def test_replay_documents_continue_each_opener_and_are_seeded(word_model):
+    config, params, tokenizer, _ = word_model
+    n = len(OPENERS) + 2                                        # the openers cycle
+    docs = replay_documents(config, params, tokenizer, n, max_new_tokens=6, seed=0)
+    assert len(docs) == n
+    for i, doc in enumerate(docs):
+        opener = OPENERS[i % len(OPENERS)].rstrip(".,:")
+        assert doc.startswith(opener[:10]) and len(doc) > len(opener)
+    assert replay_documents(config, params, tokenizer, n, max_new_tokens=6, seed=0) == docs
+    assert replay_documents(config, params, tokenizer, n, max_new_tokens=6, seed=1) != docs
+    assert replay_documents(config, params, tokenizer, 0) == []
+
+
+def test_prepare_knowledge_mixes_replay_into_the_training_sources(word_model, tmp_path):
+    *_, base = word_model
+    knowledge = dict(n_new=3, attributes=["city"], max_frequency=2, seed=0, replay_documents=5, replay_weight=0.25)
+    run = load_config(data={"base": {"path": str(base)}, "model": {}, "knowledge": knowledge,
+                            "train": {"steps": 1, "mode": "full"}})
+    paths = prepare_knowledge(run, tmp_path)
+    rows = [json.loads(line) for line in open(paths["replay"])]
+    assert len(rows) == 5 and all(r["text"] for r in rows)
+    first = open(paths["replay"]).read()
+    sources = run.data["sources"]
+    assert sources == [{"path": paths["corpus"]}, {"path": paths["replay"], "weight": 0.25}]
+    prepare_knowledge(run, tmp_path)                            # a resume reads the same file, not a new draw
+    assert open(paths["replay"]).read() == first
+
+
+@pytest.mark.parametrize("bad", [{"replay_documents": -1}, {"replay_weight": 0.0}])
+def test_bad_replay_settings_are_config_errors(tmp_path, bad):
+    run = load_config(data={"knowledge": {"n_new": 2, **bad}})
+    with pytest.raises(ConfigError, match="knowledge: replay_documents must be >= 0 and replay_weight > 0"):
+        prepare_knowledge(run, tmp_path)
+
+
+def test_replay_needs_a_base_model(tmp_path):
+    run = load_config(data={"knowledge": {"n_new": 2, "replay_documents": 2}})
+    with pytest.raises(ConfigError, match="knowledge.replay_documents: replay text is written by the base model"):
+        prepare_knowledge(run, tmp_path)
