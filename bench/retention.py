@@ -53,7 +53,7 @@ def train_method(base_yaml: str, overrides: list[str], run_dir: Path):
     )
 
     run = load_config(base_yaml, overrides)
-    prepare_knowledge(run, run_dir)
+    run, _ = prepare_knowledge(run, run_dir)
     run = resolve_auto_layers(run, run_dir)
     check_data_config(run)
     mesh = make_mesh(run.mesh.shape, run.mesh.axes)
@@ -82,9 +82,11 @@ def family(run) -> str:
 
 def run_settings(run) -> dict:
     """The settings that tell the methods apart (recorded with every scored point)."""
+    from jax_controlllm.config import to_dict
     exp = run.expansion
     return {"mode": run.train.mode, "steps": run.train.steps, "lr": run.train.lr, "min_lr": run.train.min_lr,
-            "batch_size": run.train.batch_size, "seq_len": run.train.seq_len, "knowledge": run.knowledge,
+            "batch_size": run.train.batch_size, "seq_len": run.train.seq_len,
+            "knowledge": None if run.knowledge is None else to_dict(run.knowledge),
             "trainable_layers": run.train.trainable_layers,
             "expansion": None if exp is None else {k: getattr(exp, k) for k in (
                 "expand_type", "num_exp_layers", "layers", "merge_method", "interpolation_loss_alpha",
@@ -214,9 +216,9 @@ def main(argv=None) -> int:
     import jax
 
     from jax_controlllm.checkpoint import load_model
-    from jax_controlllm.config import load_config
+    from jax_controlllm.config import ReportConfig, load_config
     from jax_controlllm.convert.auto import load_pretrained
-    from jax_controlllm.experiment import ReportSpec, evaluate_pair, report_spec
+    from jax_controlllm.experiment import evaluate_pair
     from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
 
     base_yaml, shared, methods = method_configs(args.config)
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
         config, params = load_model(model_path)
         tokenizer = load_tokenizer(run_tokenizer_source(run, run_dir))
         start = time.time()
-        spec = dataclasses.replace(report_spec(run) or ReportSpec(), export_hf=False)
+        spec = dataclasses.replace(run.report or ReportConfig(), export_hf=False)
         report = evaluate_pair(*base_model, config, params, tokenizer, run_dir, spec, progress=False,
                                base_cache=base_cache)
         acq, ret = report["acquisition"], report.get("retention", {})

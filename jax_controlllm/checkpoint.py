@@ -59,7 +59,7 @@ from jax_controlllm.checksums import (
     verify,
     write_manifest,
 )
-from jax_controlllm.config import ConfigError, ModelConfig, from_dict
+from jax_controlllm.config import RETIRED_MODEL_KEYS, ConfigError, ModelConfig, from_dict, to_dict, without_retired
 
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "opt_state", "model_config", "data_state")
@@ -81,10 +81,12 @@ class CheckpointWriteError(OSError):
 # ----------------------------------------------------------------------------------------------
 
 def model_config_to_json(config: ModelConfig) -> dict:
-    return dataclasses.asdict(config)
+    return to_dict(config)
 
 
 def model_config_from_json(data: dict, where: str = "model_config") -> ModelConfig:
+    if isinstance(data, dict):            # written by an earlier version: keys retired since are ignored
+        data = without_retired(data, RETIRED_MODEL_KEYS)
     config = from_dict(ModelConfig, data, where)
     config.validate()
     return config

@@ -1,9 +1,14 @@
-"""Typed configuration: dataclasses, YAML loading, dotted overrides and validation.
+"""Typed configuration: frozen dataclasses, YAML loading, dotted overrides and validation.
 
 Every knob a user can set lives in one of the dataclasses below. ``load_config`` reads a YAML
-file, applies ``--set a.b=c`` overrides and returns a validated ``RunConfig``. Unknown keys are
-errors that name the key and suggest the closest valid one, because a silently ignored typo in a
-training config costs a TPU-day.
+file, applies ``--set a.b=c`` overrides and returns a validated ``RunConfig``, every section typed
+(``data``, ``knowledge`` and ``report`` included). Unknown keys are errors that name the key and
+suggest the closest valid one, because a silently ignored typo in a training config costs a TPU-day.
+
+Configs are immutable: sections are frozen dataclasses, lists are tuples and mappings are ``FrozenDict``s
+(coerced whatever the source: YAML, JSON, keyword arguments). A changed setting is a new config
+(``dataclasses.replace``), and a ``ModelConfig`` is itself the static argument of compiled functions: equal
+configs share compilations. ``to_dict`` gives plain lists and dicts again (YAML, JSON).
 """
 from __future__ import annotations
 
@@ -15,13 +20,75 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Immutable values: tuples for lists, FrozenDict for mappings
+# --------------------------------------------------------------------------------------------
+
+class FrozenDict(dict):
+    """A read-only dict that hashes (a mapping field of a frozen config: ``model.rope_scaling``, ``mesh.rules``).
+    Still a dict: ``json.dumps`` and ``dataclasses.asdict`` work as for any mapping."""
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is read-only; build a new mapping (configs are immutable)")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self):
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self):      # pickle and copy rebuild it whole instead of filling it item by item
+        return (type(self), (dict(self),))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({dict.__repr__(self)})"
+
+
+def freeze(value):
+    """``value`` with every list a tuple and every dict a FrozenDict, all the way down (hashable)."""
+    if isinstance(value, dict):
+        return value if _is_frozen(value) else FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return value if _is_frozen(value) else tuple(freeze(v) for v in value)
+    return value
+
+
+def _is_frozen(value) -> bool:
+    if isinstance(value, FrozenDict):
+        return all(_is_frozen(v) for v in value.values())
+    if isinstance(value, tuple):
+        return all(_is_frozen(v) for v in value)
+    return not isinstance(value, (list, dict))
+
+
+def plain(value):
+    """``value`` with tuples as lists and mappings as plain dicts, all the way down (YAML, JSON, comparisons
+    with what was read back from either)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class Section:
+    """Base of the config dataclasses (all ``frozen=True``): list and dict values given to the constructor become
+    tuples and FrozenDicts, so every config is hashable and nothing in it can change after validation."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            frozen = freeze(value)
+            if frozen is not value:
+                object.__setattr__(self, f.name, frozen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,12 +99,16 @@ POSITIVE_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
                         "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
+MAX_LAYERS = 100_000      # far beyond any real model: a bound that keeps per-layer work at load time small
+
 REMAT_POLICIES = ("none", "selective", "full", "save_dots", "save_dots_no_batch")
 
 
-@dataclass
-class ModelConfig:
-    """A Llama-family decoder, with Hugging Face field names so ``config.json`` maps 1:1."""
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """A Llama-family decoder, with Hugging Face field names so ``config.json`` maps 1:1, and the structure of the
+    built model: which layers train, its expansion, its adapters. The config is the static argument of the
+    compiled model functions (its frozen-dataclass hash and equality are the compilation key)."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -48,13 +119,13 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None            # {"rope_type": "llama3"|"linear", ...}
+    rope_scaling: Optional[FrozenDict] = None      # {"rope_type": "llama3"|"linear", ...}
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: Optional[int] = 1
-    eos_token_id: Any = 2                          # int or list of ints (Llama 3 instruct)
+    eos_token_id: Union[int, tuple[int, ...], None] = 2   # int or list of ints (Llama 3 instruct)
     pad_token_id: Optional[int] = None
     # --- runtime policy (not part of HF config.json) ---
     param_dtype: str = "float32"                   # dtype of trainable (master) weights
@@ -65,26 +136,33 @@ class ModelConfig:
     scan_layers: bool = True
     loss_chunk: int = 0                            # sequence positions per LM-head + CE chunk (0: all at once);
                                                    # chunking keeps [B, S, V] float32 logits out of memory
-    # --- which layers train (full / partial tuning); Control LLM uses `expansion` instead ---
-    trainable_layers: Optional[list] = None        # block indices; None = none (frozen base)
+    # --- the built model's structure. Training resolves these from the run's request (train.mode,
+    # train.trainable_layers, the run's expansion and lora sections: jax_controlllm.train.setup); a checkpoint's
+    # or export's model config records them ---
+    # indices of the blocks that train (full / partial tuning); None = none (a frozen base; Control LLM trains
+    # its expansion)
+    trainable_layers: Optional[tuple[int, ...]] = None
     train_embeddings: bool = False                 # full tuning: embeddings, final norm, LM head
-    expansion: Optional["ExpansionConfig"] = None
+    expansion: Optional["ExpansionConfig"] = None  # the expansion this model was built with (num_ori_layers set)
     lora: Optional["LoraConfig"] = None            # low-rank adapters on a frozen plain model (train.mode lora)
 
-    def __hash__(self):  # static argument of jax.jit: the config decides shapes and code, not values
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
-
     def __post_init__(self):
+        super().__post_init__()
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None and self.num_attention_heads:   # 0 heads: validate() says so
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     def validate(self) -> None:
         for name in POSITIVE_MODEL_FIELDS:
             _check(getattr(self, name) >= 1, f"model.{name}", f"must be at least 1, got {getattr(self, name)}")
+        _check(self.num_hidden_layers <= MAX_LAYERS, "model.num_hidden_layers",
+               f"{self.num_hidden_layers} layers is more than any model has (at most {MAX_LAYERS})")
         _check(self.hidden_act == "silu", "model.hidden_act",
                f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        _check(self.eos_token_id is None or all(isinstance(e, int) and not isinstance(e, bool) for e in eos),
+               "model.eos_token_id", f"expected a token id or a list of them, got {_show(self.eos_token_id)}")
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_key_value_heads",
                f"{self.num_attention_heads} attention heads are not a multiple of "
                f"{self.num_key_value_heads} key/value heads")
@@ -116,13 +194,17 @@ MERGE_METHODS = ("lerp", "dlerp", "dlerpin", "slerp", "moe", "proj", "prog")
 LOSS_TYPES = ("mse", "cosine")
 
 
-@dataclass
-class ExpansionConfig:
-    """How a plain Llama is expanded. Field names follow the release's ``expansion`` dict."""
+@dataclass(frozen=True)
+class ExpansionConfig(Section):
+    """How a plain Llama is expanded. Field names follow the release's ``expansion`` dict.
+
+    ``RunConfig.expansion`` is the request (how to expand the base; ``layers`` may be ``auto``);
+    ``ModelConfig.expansion`` is what a built model was expanded with (layers resolved, ``num_ori_layers`` set)."""
     expand_type: str = "concat"
     num_exp_layers: int = 8
-    layers: Optional[Union[list, str]] = None      # explicit original-layer indices (overrides the rule), or
-                                                   # "auto": chosen from the base's knowledge circuits at setup
+    # explicit original-layer indices (overrides the rule), or "auto": chosen from the base's knowledge circuits
+    # at setup
+    layers: Optional[Union[tuple[int, ...], str]] = None
     merge_method: str = "dlerp"
     interpolation_factor: float = 0.0
     interpolation_loss_alpha: float = 1.0          # λ; 0 disables; -1 weights tokens by the gate
@@ -130,7 +212,6 @@ class ExpansionConfig:
     interpolation_norm_alpha: float = 0.0          # relaxed norm in expanded layers: 0, (0,1], or -1
     freeze_interpolation_factor: bool = True
     freeze_ori_layers: bool = True
-    freeze_ori_non_layers: bool = True
     divergence_mask: str = "tokens"                # tokens: non-padding only | reference: all tokens
     num_ori_layers: Optional[int] = None           # filled in by expand()
 
@@ -146,8 +227,8 @@ class ExpansionConfig:
         a = self.interpolation_norm_alpha
         _check(a == -1 or 0 <= a <= 1, "expansion.interpolation_norm_alpha",
                f"must be 0 (plain RMSNorm), in (0, 1] (fixed mix) or -1 (learnable), got {a}")
-        _check(self.num_exp_layers >= 1, "expansion.num_exp_layers",
-               f"must be at least 1, got {self.num_exp_layers}")
+        _check(1 <= self.num_exp_layers <= MAX_LAYERS, "expansion.num_exp_layers",
+               f"must be in 1..{MAX_LAYERS}, got {self.num_exp_layers}")
         if self.layers == "auto":
             return                                     # resolved at setup (jax_controlllm.circuits.layer_choice)
         _check(not isinstance(self.layers, str), "expansion.layers",
@@ -177,13 +258,13 @@ def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int
     if n > num_ori_layers:
         raise ConfigError(f"expansion.num_exp_layers: {n} is more than the model's {num_ori_layers} layers")
     split = max(num_ori_layers // n, 1)
-    layers = [i for i in range(num_ori_layers) if (i + 1) % split == 0]
-    if len(layers) != n:
+    count = num_ori_layers // split       # the rule: layers split-1, 2*split-1, ... (counted, not listed: any depth)
+    if count != n:
         raise ConfigError(
-            f"expansion.num_exp_layers: the release's rule (every {split}-th layer) selects {len(layers)} "
+            f"expansion.num_exp_layers: the release's rule (every {split}-th layer) selects {count} "
             f"layers, not {n}, for {num_ori_layers} layers; choose a divisor of {num_ori_layers} or pass the "
-            f"exact indices as expansion.layers, e.g. layers: {layers[:n]}")
-    return layers
+            f"exact indices as expansion.layers, e.g. layers: {[(k + 1) * split - 1 for k in range(min(n, count))]}")
+    return [(k + 1) * split - 1 for k in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,14 +274,14 @@ def selected_layers(expansion: ExpansionConfig, num_ori_layers: int) -> list[int
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class LoraConfig:
+@dataclass(frozen=True)
+class LoraConfig(Section):
     """Low-rank adapters on a frozen plain Llama (Hu et al. 2021; PEFT's conventions). The default targets every
     attention and MLP projection, not PEFT's q and v: LoRA is the baseline whose acquisition Control LLM is
     compared with, so it gets its strongest common setting (QLoRA needed all linear layers to match full tuning)."""
     rank: int = 16
     alpha: float = 32.0                            # the update is scaled by alpha / rank
-    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    targets: tuple[str, ...] = LORA_TARGETS
     dropout: float = 0.0                           # on the adapter's input only, during training steps
 
     def validate(self) -> None:
@@ -222,8 +303,8 @@ class LoraConfig:
 # Training, data, mesh, checkpoints
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(Section):
     mode: str = "controlllm"                       # controlllm | full | partial | lora
     steps: int = 100
     batch_size: int = 8                            # global batch (sequences per optimizer step)
@@ -248,7 +329,9 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0
     inject_nan_at_step: int = -1                   # testing aid: poison the loss at this step
     inject_sigterm_at_step: int = -1               # testing aid: send SIGTERM to itself after this step
-    trainable_layers: Optional[list] = None        # partial mode: original layer indices
+    # partial mode, the request: indices of the base's layers to tune (resolved into the trained model's
+    # ModelConfig.trainable_layers at setup)
+    trainable_layers: Optional[tuple[int, ...]] = None
     peak_flops_per_device: float = 0.0             # for the MFU estimate; 0: from the device kind (none on CPU)
     prefetch: int = 2                              # batches prepared ahead in a background thread
 
@@ -268,33 +351,284 @@ TRAIN_MINIMUMS = {"steps": 0, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "w
 TRAIN_MODES = ("controlllm", "full", "partial", "lora")
 
 
-@dataclass
-class MeshConfig:
+@dataclass(frozen=True)
+class MeshConfig(Section):
     shape: str = "1"                               # "4x8", "2x2x8", "-1x8"
-    axes: Optional[list] = None                    # names, default by rank (see sharding.py)
-    rules: Optional[dict] = None                   # logical axis -> mesh axis / list / null
+    axes: Optional[tuple[str, ...]] = None         # names, default by rank (see sharding.py)
+    rules: Optional[FrozenDict] = None             # logical axis -> mesh axis / list / null
 
 
-@dataclass
-class BaseModelConfig:
+@dataclass(frozen=True)
+class BaseModelConfig(Section):
     """Where the starting weights come from: HF directory, GGUF file, Orbax checkpoint or fresh init."""
     path: Optional[str] = None                     # None: fresh random init from `model`
     format: str = "auto"                           # auto | hf | gguf | orbax | smollm2
     allow_pickle: bool = False
 
 
-@dataclass
-class RunConfig:
+# --------------------------------------------------------------------------------------------
+# Data (the pipeline: jax_controlllm.data; docs/data.md)
+# --------------------------------------------------------------------------------------------
+
+DATA_MODES = ("pretrain", "sft")
+DATA_FORMATS = ("auto", "jsonl", "parquet", "text", "hf_disk", "tfds")
+TEXT_UNITS = ("line", "file")
+SHARD_BY = ("rows", "documents")
+SYNTHETIC_KEYS = ("source", "min_doc_len", "max_doc_len", "tokenizer")   # tokenizer: the run's, for reports
+
+
+@dataclass(frozen=True)
+class SourceConfig(Section):
+    """One dataset of the mixture: local files by glob, a ``save_to_disk`` directory, or a TFDS name."""
+    path: Optional[str] = None           # glob of .jsonl/.parquet/.txt files, or a save_to_disk directory
+    name: Optional[str] = None           # TFDS dataset name ("my_corpus", "my_corpus/config:1.0.0")
+    format: str = "auto"                 # auto: tfds if `name`, else by file suffix / directory layout
+    data_dir: Optional[str] = None       # TFDS data_dir holding the prepared array_record dataset
+    split: str = "train"                 # split of TFDS / save_to_disk DatasetDict sources
+    eval_split: Optional[str] = None     # held-out split of this source (overrides DataConfig.eval_split)
+    weight: float = 1.0                  # relative sampling weight in the mixture
+    text_unit: str = "line"              # plain-text files: one document per line, or per file
+    text_field: Optional[str] = None     # per-source overrides of the DataConfig field names
+    messages_field: Optional[str] = None
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        if self.name is not None:
+            return "tfds"
+        path = (self.path or "").rstrip("/")
+        for suffix, fmt in ((".jsonl", "jsonl"), (".parquet", "parquet"), (".txt", "text"), (".text", "text")):
+            if path.endswith(suffix):
+                return fmt
+        return "hf_disk"   # a directory without a file suffix: Hugging Face `save_to_disk`
+
+    def describe(self) -> str:
+        return f"tfds:{self.name}" if self.name is not None else str(self.path)
+
+    def validate(self, where: str) -> None:
+        if (self.path is None) == (self.name is None):
+            raise ConfigError(f"{where}: set exactly one of 'path' (local files or a save_to_disk "
+                              f"directory) and 'name' (a TFDS dataset)")
+        _one_of(self.format, DATA_FORMATS, f"{where}.format")
+        _one_of(self.text_unit, TEXT_UNITS, f"{where}.text_unit")
+        if self.path is not None and self.resolved_format() == "tfds":
+            raise ConfigError(f"{where}: format tfds reads a dataset by 'name' (with 'data_dir'), not by 'path'")
+        if self.path is not None and self.path.endswith(".gz"):
+            raise ConfigError(f"{where}.path: compressed files are not supported; decompress "
+                              f"{self.path!r} first (random access needs plain files)")
+        if self.eval_split is not None and self.resolved_format() not in ("tfds", "hf_disk"):
+            raise ConfigError(f"{where}.eval_split: only TFDS and save_to_disk sources have splits; hold out "
+                              f"part of local files with data.holdout_fraction, or list them in data.eval_sources")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}.weight: must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """What training reads: the data pipeline's settings (docs/data.md), or ``source: synthetic`` for generated
+    tokens (tests, benchmarks, the no-download demo; then only ``min_doc_len``, ``max_doc_len`` and the run's
+    ``tokenizer`` apply).
+
+    A YAML example (a 3:1 mixture of local JSONL and a prepared TFDS dataset)::
+
+        data:
+          mode: pretrain
+          tokenizer: runs/smollm2/hf
+          sources:
+            - {path: "corpus/*.jsonl", weight: 3}
+            - {name: my_corpus, data_dir: ~/tensorflow_datasets, weight: 1}
+          holdout_fraction: 0.01
+    """
+    sources: tuple[SourceConfig, ...] = ()           # a string is a path
+    mode: str = "pretrain"                           # pretrain: text documents | sft: chat conversations
+    packing: bool = True                             # pack several documents per row (segment ids)
+    shuffle: bool = True                             # shuffle each source, reshuffled every epoch
+    shard_by: str = "rows"                           # rows: global row stream | documents: per-process docs
+    text_field: str = "text"
+    messages_field: str = "messages"                 # SFT: list of {role, content}
+    prompt_field: str = "prompt"                     # SFT without messages: a single prompt/response turn
+    response_field: str = "response"
+    tokenizer: Optional[str] = None                  # HF tokenizer directory (if not passed in code)
+    add_bos: Optional[bool] = None                   # None: as the tokenizer does by default (model family)
+    add_eos: Optional[bool] = None                   # None: pretrain ends each document, sft relies on the template
+    doc_end_token: Optional[str] = None              # None: <|end_of_text|>, <|endoftext|> or the EOS token
+    skip_bad_records: bool = False                   # skip and count malformed records instead of failing
+    max_record_bytes: int = 16 * 1024 * 1024         # longer lines/records are bad records
+    holdout_fraction: float = 0.0                    # eval = every round(1/f)-th record of sources without eval split
+    eval_split: Optional[str] = None                 # eval split for TFDS / save_to_disk sources
+    eval_sources: tuple[SourceConfig, ...] = ()      # separate eval data; overrides both
+    tokenize_chunk: int = 128                        # documents tokenised per call (speed only)
+    prefetch: int = 2                                # batches prepared ahead by a thread (0: none)
+    source: Optional[str] = None                     # synthetic: generated tokens instead of the sources above
+    min_doc_len: Optional[int] = None                # synthetic only: document lengths (None: 8 .. seq_len)
+    max_doc_len: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for kind in ("sources", "eval_sources"):       # DataConfig(sources=["a.jsonl", {"path": ...}]) too
+            items = getattr(self, kind)
+            if not (isinstance(items, tuple) and all(isinstance(item, SourceConfig) for item in items)):
+                object.__setattr__(self, kind, _sources_from(items, f"data.{kind}"))
+
+    @classmethod
+    def parse(cls, data: dict, where: str = "data") -> "DataConfig":
+        """Typed from a plain mapping (sources parsed too); unknown keys raise ConfigError with a suggestion.
+        Values are checked by ``check`` / ``validate``."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        if data.get("source") == "synthetic":
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(str(k) for k in data if k not in names)
+            if unknown:
+                raise ConfigError(f"unknown config key '{where}.{unknown[0]}' for the synthetic source; "
+                                  f"valid keys: {', '.join(SYNTHETIC_KEYS)}")
+        for kind in ("sources", "eval_sources"):
+            if kind in data:
+                data[kind] = _sources_from(data[kind], f"{where}.{kind}")
+        return from_dict(cls, data, where)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "data") -> "DataConfig":
+        """Build and validate from a plain dict; unknown keys raise ConfigError with a suggestion."""
+        config = cls.parse(data, where)
+        config.validate(where)
+        return config
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    def check(self, where: str = "data") -> None:
+        """Every value in range; sources may still be missing (a knowledge section supplies them at the start)."""
+        if self.source is not None:
+            _check(self.synthetic, f"{where}.source", f"{self.source!r} is not a data source; use synthetic for "
+                                                      f"generated tokens, or remove it and list data.sources")
+            default = DataConfig()
+            unused = [f.name for f in dataclasses.fields(self) if f.name not in SYNTHETIC_KEYS
+                      and getattr(self, f.name) != getattr(default, f.name)]
+            if unused:
+                raise ConfigError(f"unknown config key '{where}.{unused[0]}' for the synthetic source; "
+                                  f"valid keys: {', '.join(SYNTHETIC_KEYS)}")
+            return
+        for name in ("min_doc_len", "max_doc_len"):
+            _check(getattr(self, name) is None, f"{where}.{name}",
+                   "only for source: synthetic (generated tokens); the lengths of real documents are their own")
+        for kind in ("sources", "eval_sources"):
+            for i, source in enumerate(getattr(self, kind)):
+                source.validate(f"{where}.{kind}[{i}]")
+        _one_of(self.mode, DATA_MODES, f"{where}.mode")
+        _one_of(self.shard_by, SHARD_BY, f"{where}.shard_by")
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            raise ConfigError(f"{where}.holdout_fraction: must be in [0, 0.5), got {self.holdout_fraction}")
+        if self.max_record_bytes < 1:
+            raise ConfigError(f"{where}.max_record_bytes: must be positive, got {self.max_record_bytes}")
+        if self.prefetch < 0:
+            raise ConfigError(f"{where}.prefetch: must be >= 0, got {self.prefetch}")
+        if self.tokenize_chunk < 1:
+            raise ConfigError(f"{where}.tokenize_chunk: must be positive, got {self.tokenize_chunk}")
+
+    def validate(self, where: str = "data") -> None:
+        """``check``, and real data needs at least one source."""
+        if not self.synthetic and not self.sources:
+            raise ConfigError(f"{where}.sources: no data sources; add e.g. "
+                              f"sources: [{{path: 'corpus/*.jsonl'}}] or [{{name: my_tfds_dataset, data_dir: ...}}]")
+        self.check(where)
+
+    def text_field_of(self, source: SourceConfig) -> str:
+        return source.text_field or self.text_field
+
+    def messages_field_of(self, source: SourceConfig) -> str:
+        return source.messages_field or self.messages_field
+
+
+def _sources_from(items, where: str) -> tuple:
+    if isinstance(items, (str, dict, SourceConfig)):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {type(items).__name__}")
+    return tuple(_source_from(item, f"{where}[{i}]") for i, item in enumerate(items))
+
+
+def _source_from(item, where: str) -> SourceConfig:
+    if isinstance(item, SourceConfig):
+        return item
+    if isinstance(item, str):
+        return SourceConfig(path=item)
+    return from_dict(SourceConfig, item, where)
+
+
+def _one_of(value: str, choices: tuple, where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The default job around training: the knowledge corpus before, the report after (jax_controlllm.experiment)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KnowledgeConfig(Section):
+    """The synthetic new-knowledge corpus of a run (see jax_controlllm.knowledge)."""
+    n_new: int = 24
+    n_revised: int = 0
+    attributes: tuple[str, ...] = ("city", "company")
+    max_frequency: int = 8
+    frequency_exponent: float = 1.2
+    held_out_phrasing: bool = False
+    seed: int = 0
+    replay_documents: int = 0        # the base model's own text mixed in (knowledge/replay.py); 0: none
+    replay_weight: float = 0.5       # sampling weight of a replay document relative to a corpus document
+
+    def entities(self):
+        """The corpus's ``jax_controlllm.knowledge.EntityConfig``."""
+        from jax_controlllm.knowledge.entities import EntityConfig
+        return EntityConfig(n_new=self.n_new, n_revised=self.n_revised, attributes=self.attributes,
+                            max_frequency=self.max_frequency, frequency_exponent=self.frequency_exponent,
+                            seed=self.seed)
+
+    def validate(self) -> None:
+        _check(bool(self.attributes), "knowledge.attributes", "expected at least one attribute, got none")
+        try:
+            self.entities().validate()
+        except ValueError as err:
+            raise ConfigError(f"knowledge: {err}") from None
+        if self.replay_documents < 0 or not self.replay_weight > 0:
+            raise ConfigError(f"knowledge: replay_documents must be >= 0 and replay_weight > 0, got "
+                              f"{self.replay_documents} and {self.replay_weight}")
+
+
+@dataclass(frozen=True)
+class ReportConfig(Section):
+    """What to measure after training (the default job's before/after report)."""
+    knowledge_probes: bool = True
+    retention_probes: bool = True
+    kl_text: bool = True
+    batch_size: int = 32
+    export_hf: bool = True          # also write <run_dir>/hf (the release's Control LLM format)
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "report.batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    """A training run. ``model`` is the architecture of a fresh init and always the runtime policy (dtypes,
+    remat, attention); what the run asks for (``train.mode``, ``train.trainable_layers``, ``expansion``,
+    ``lora``) is resolved into the trained model's ``ModelConfig`` when the run starts."""
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
-    expansion: Optional[ExpansionConfig] = None
+    expansion: Optional[ExpansionConfig] = None    # the requested expansion of the base (train.mode controlllm)
     lora: Optional[LoraConfig] = None              # train.mode lora (absent: LoraConfig's defaults)
     train: TrainConfig = field(default_factory=TrainConfig)
-    data: dict = field(default_factory=dict)       # parsed by jax_controlllm.data.DataConfig
+    data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    eval: dict = field(default_factory=dict)
-    knowledge: Optional[dict] = None               # synthetic new-knowledge corpus (jax_controlllm.experiment)
-    report: Optional[dict] = None                  # before/after acquisition + retention report ({} = defaults)
+    knowledge: Optional[KnowledgeConfig] = None    # synthetic new-knowledge corpus (jax_controlllm.experiment)
+    report: Optional[ReportConfig] = None          # before/after acquisition + retention report ({} = defaults)
     out_dir: Optional[str] = None
 
     def validate(self) -> None:
@@ -310,6 +644,11 @@ class RunConfig:
             self.lora.validate()
         _check(self.train.batch_size % self.train.grad_accum == 0, "train.grad_accum",
                f"batch_size {self.train.batch_size} is not divisible by grad_accum {self.train.grad_accum}")
+        self.data.check("data")
+        if self.knowledge is not None:
+            self.knowledge.validate()
+        if self.report is not None:
+            self.report.validate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +660,7 @@ def _check(ok: bool, where: str, message: str) -> None:
         raise ConfigError(f"{where}: {message}")
 
 
-def _check_int_list(values: Optional[list], where: str) -> None:
+def _check_int_list(values: Optional[tuple], where: str) -> None:
     if values is None:
         return
     _check(isinstance(values, (list, tuple)), where, f"expected a list of layer indices, got {_show(values)}")
@@ -342,7 +681,7 @@ def _coerce(value, tp, where: str):
     # Optional[X] and Optional[Union[X, Y]] (= Union[X, Y, None]) both accept null
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
     tp = _unwrap_optional(tp)
-    if tp is Any or (value is None and optional):
+    if value is None and optional:
         return value
     if value is None:
         raise ConfigError(f"{where}: expected {_expected(tp)}, got null; remove the key to keep the default")
@@ -351,8 +690,12 @@ def _coerce(value, tp, where: str):
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {_show(value)}")
-        return from_dict(tp, value, where)
+        parse = getattr(tp, "parse", None)             # a section with its own parsing (DataConfig: sources)
+        return parse(value, where) if parse is not None else from_dict(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):     # e.g. a list of layers or "auto": the section validates
+        arms = typing.get_args(tp)
+        return freeze(value) if isinstance(value, (list, tuple)) and any(map(_is_list_type, arms)) else value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -380,20 +723,29 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {_show(value)}")
         return str(value)
-    if tp in (list, dict) or origin in (list, dict):
-        want = origin or tp
-        if want is list and isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, want):
-            raise ConfigError(f"{where}: expected a {want.__name__}, got {type(value).__name__} {_show(value)}")
-        return value
+    if _is_list_type(tp):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {_show(value)}")
+        return freeze(value)
+    if _is_mapping_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {_show(value)}")
+        return freeze(value)
     return value
 
 
+def _is_list_type(tp) -> bool:
+    return tp in (list, tuple) or typing.get_origin(tp) in (list, tuple)
+
+
+def _is_mapping_type(tp) -> bool:
+    return (isinstance(tp, type) and issubclass(tp, dict)) or typing.get_origin(tp) is dict
+
+
 def _expected(tp) -> str:
-    if dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict:
+    if dataclasses.is_dataclass(tp) or _is_mapping_type(tp):
         return "a mapping"
-    if tp is list or typing.get_origin(tp) is list:
+    if _is_list_type(tp):
         return "a list"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
@@ -422,7 +774,8 @@ def from_dict(cls, data: dict, where: str = ""):
 
 
 def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+    """A config as plain data (lists and dicts): what YAML and JSON records hold, and compare with."""
+    return plain(dataclasses.asdict(obj))
 
 
 def _parse_scalar(text: str):
@@ -492,6 +845,24 @@ def plain_copy(data: dict, where: str) -> dict:
                           f"lists and mappings") from None
 
 
+# Keys that earlier versions wrote into run records (RUN/config.yaml) and checkpoints' model configs but that are
+# no settings any more: dropped when those are read back. A config that a person writes with them is refused.
+RETIRED_MODEL_KEYS = ("expansion.freeze_ori_non_layers",)
+RETIRED_RUN_KEYS = ("eval", "expansion.freeze_ori_non_layers", *(f"model.{k}" for k in RETIRED_MODEL_KEYS))
+
+
+def without_retired(data: dict, retired: tuple = RETIRED_RUN_KEYS) -> dict:
+    """A copy of ``data`` without the ``retired`` dotted keys (where present)."""
+    data = dict(data)
+    for key in retired:
+        head, _, rest = key.partition(".")
+        if not rest:
+            data.pop(head, None)
+        elif isinstance(data.get(head), dict):
+            data[head] = without_retired(data[head], (rest,))
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> RunConfig:
     """YAML file (or dict) + dotted overrides -> validated RunConfig."""
@@ -525,7 +896,7 @@ HF_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 
 def model_config_to_hf(config: ModelConfig) -> dict:
-    hf = {k: getattr(config, k) for k in HF_LLAMA_KEYS}
+    hf = {k: plain(getattr(config, k)) for k in HF_LLAMA_KEYS}
     hf.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_dropout=0.0,
               initializer_range=0.02, pretraining_tp=1, use_cache=True, torch_dtype="float32")
     return hf

@@ -1,6 +1,6 @@
 """Acquisition and retention around a training run: the knowledge corpus before, the report after.
 
-    knowledge = prepare_knowledge(run, run_dir)   # writes the corpus; points data.sources at it
+    run, knowledge = prepare_knowledge(run, run_dir)   # writes the corpus; the run reads it (data.sources)
     ... train ...
     report = acquisition_retention_report(run, run_dir)   # base vs trained, printed and saved as JSON
 
@@ -10,79 +10,36 @@ and the mean KL of next-token distributions from the base on plain text.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from jax_controlllm.config import ConfigError, RunConfig, from_dict
+from jax_controlllm.config import ConfigError, KnowledgeConfig, ReportConfig, RunConfig, SourceConfig
 
 
-@dataclass
-class KnowledgeSpec:
-    """The synthetic new-knowledge corpus of a run (see jax_controlllm.knowledge)."""
-    n_new: int = 24
-    n_revised: int = 0
-    attributes: list = field(default_factory=lambda: ["city", "company"])
-    max_frequency: int = 8
-    frequency_exponent: float = 1.2
-    held_out_phrasing: bool = False
-    seed: int = 0
-    replay_documents: int = 0        # the base model's own text mixed in (knowledge/replay.py); 0: none
-    replay_weight: float = 0.5       # sampling weight of a replay document relative to a corpus document
-
-
-@dataclass
-class ReportSpec:
-    """What to measure after training (the default job's before/after report)."""
-    knowledge_probes: bool = True
-    retention_probes: bool = True
-    kl_text: bool = True
-    batch_size: int = 32
-    export_hf: bool = True          # also write <run_dir>/hf (the release's Control LLM format)
-
-
-def knowledge_spec(run: RunConfig) -> Optional[KnowledgeSpec]:
-    return None if run.knowledge is None else from_dict(KnowledgeSpec, run.knowledge, "knowledge")
-
-
-def report_spec(run: RunConfig) -> Optional[ReportSpec]:
-    return None if run.report is None else from_dict(ReportSpec, run.report, "report")
-
-
-def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> Optional[dict]:
-    """Write the run's knowledge corpus (deterministic from its spec) under run_dir/knowledge and, when the
-    config names no data sources, train on it. Returns the file paths, or None without a `knowledge` section."""
-    spec = knowledge_spec(run)
+def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Optional[dict]]:
+    """Write the run's knowledge corpus (deterministic from its ``knowledge`` section) under run_dir/knowledge.
+    Returns the run to train, which reads the corpus when the config names no data sources (a new config: the
+    given one is not changed), and the corpus's file paths (None without a `knowledge` section)."""
+    spec = run.knowledge
     if spec is None:
-        return None
-    from jax_controlllm.knowledge import CorpusConfig, EntityConfig, build_knowledge_dataset
+        return run, None
+    from jax_controlllm.knowledge import CorpusConfig, build_knowledge_dataset
 
-    entities = EntityConfig(n_new=spec.n_new, n_revised=spec.n_revised, attributes=tuple(spec.attributes),
-                            max_frequency=spec.max_frequency, frequency_exponent=spec.frequency_exponent,
-                            seed=spec.seed)
-    try:
-        entities.validate()
-    except ValueError as err:
-        raise ConfigError(f"knowledge: {err}") from None
-    if spec.replay_documents < 0 or not spec.replay_weight > 0:
-        raise ConfigError(f"knowledge: replay_documents must be >= 0 and replay_weight > 0, got "
-                          f"{spec.replay_documents} and {spec.replay_weight}")
     paths = build_knowledge_dataset(Path(run_dir) / "knowledge",
-                                    CorpusConfig(entities, spec.held_out_phrasing, spec.seed))
-    sources = [{"path": str(paths["corpus"])}]
+                                    CorpusConfig(spec.entities(), spec.held_out_phrasing, spec.seed))
+    sources = [SourceConfig(path=str(paths["corpus"]))]
     if spec.replay_documents:
         paths["replay"] = write_replay(run, Path(run_dir), spec)
-        sources.append({"path": str(paths["replay"]), "weight": spec.replay_weight})
-    data = dict(run.data or {})
-    if not data.get("sources") and data.get("source") != "synthetic":
-        data["sources"] = sources
-        run.data = data
-    return {k: str(v) for k, v in paths.items()}
+        sources.append(SourceConfig(path=str(paths["replay"]), weight=spec.replay_weight))
+    if not run.data.sources and not run.data.synthetic:
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=tuple(sources)))
+    return run, {k: str(v) for k, v in paths.items()}
 
 
-def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeSpec) -> Path:
+def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeConfig) -> Path:
     """run_dir/knowledge/replay.jsonl: the base model's continuations of neutral openers (written once; a
     resume reads the same file)."""
     from jax_controlllm.knowledge.corpus import write_corpus_jsonl
@@ -114,7 +71,7 @@ def _knowledge_probes(run_dir: Path):
     return read_probes(path) if path.is_file() else []
 
 
-def evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir: Path, spec: ReportSpec,
+def evaluate_pair(base_config, base_params, config, params, tokenizer, run_dir: Path, spec: ReportConfig,
                   progress: bool = True, base_cache: Optional[dict] = None) -> dict:
     """Base and trained model on the same probes: acquisition, verified retention and KL from the base.
     ``base_cache`` (a dict kept by the caller) reuses the base model's results across trained models."""
@@ -179,7 +136,7 @@ def format_report(report: dict) -> str:
 def acquisition_retention_report(run: RunConfig, run_dir: str | Path, progress: bool = True) -> Optional[dict]:
     """After training: load the base model and the run's latest checkpoint, evaluate both, print, save JSON,
     and export the trained model as a Hugging Face directory (release format)."""
-    spec = report_spec(run)
+    spec = run.report
     if spec is None:
         return None
     from jax_controlllm.checkpoint import load_model

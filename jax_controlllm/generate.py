@@ -98,20 +98,6 @@ def sample_next(logits: jax.Array, rng: jax.Array, rule: tuple[float, int, float
 # The cache and the two jitted pieces
 # ----------------------------------------------------------------------------------------------
 
-class Static:
-    """Lets a (mutable, unhashable) ModelConfig be a static jit argument: equal configs share compilations."""
-
-    def __init__(self, value):
-        self.value = value
-        self._key = repr(value)
-
-    def __hash__(self):
-        return hash(self._key)
-
-    def __eq__(self, other):
-        return isinstance(other, Static) and other._key == self._key
-
-
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
     """Zeroed key/value slots mirroring ``params["layers"]``: [repeats, B, T, kv_heads, head_dim] per block,
     and for a controlled block one such pair per branch."""
@@ -145,9 +131,8 @@ def _last_logits(config, params, ids, positions, mask, token_mask, cache, index)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _prefill(static: Static, rule, params, cache, ids, valid, rng):
+def _prefill(config: ModelConfig, rule, params, cache, ids, valid, rng):
     """Left-padded prompts [B, P] (valid marks real tokens) -> (first new token [B], cache, slot_valid [B, T])."""
-    config = static.value
     p, t = ids.shape[1], _cache_length(cache)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     slot_valid = jnp.zeros((ids.shape[0], t), bool).at[:, :p].set(valid)
@@ -158,9 +143,8 @@ def _prefill(static: Static, rule, params, cache, ids, valid, rng):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _step(static: Static, rule, params, cache, tokens, positions, slot_valid, index, rng):
+def _step(config: ModelConfig, rule, params, cache, tokens, positions, slot_valid, index, rng):
     """Feed one token per row at slot ``index`` -> (next token [B], cache, slot_valid)."""
-    config = static.value
     slot_valid = slot_valid.at[:, index].set(True)
     visible = jnp.arange(slot_valid.shape[1])[None, :] <= index
     mask = (visible & slot_valid)[:, None, None, :]                                 # [B, 1, 1, T]
@@ -208,9 +192,9 @@ def generate_ids(config: ModelConfig, params: dict, prompts: Sequence[Sequence[i
         ids[i, prompt_len - len(row):], valid[i, prompt_len - len(row):] = row, True
     ids[len(rows):, -1], valid[len(rows):, -1] = pad_id, True      # filler rows: one token, never read
 
-    static, rule, key = Static(config), sampling.rule, jax.random.PRNGKey(sampling.seed)
+    rule, key = sampling.rule, jax.random.PRNGKey(sampling.seed)
     cache = init_cache(config, batch, cache_len)
-    tokens, cache, slot_valid = _prefill(static, rule, params, cache, jnp.asarray(ids), jnp.asarray(valid),
+    tokens, cache, slot_valid = _prefill(config, rule, params, cache, jnp.asarray(ids), jnp.asarray(valid),
                                          jax.random.fold_in(key, 0))
     lengths = np.concatenate([[len(r) for r in rows], np.ones(batch - len(rows), int)]).astype(np.int32)
     eos = set(int(e) for e in eos_ids)
@@ -219,7 +203,7 @@ def generate_ids(config: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     for step in range(max_new_tokens):
         pending = tokens
         if step + 1 < max_new_tokens:   # dispatch the next step before reading this one: host work overlaps
-            tokens, cache, slot_valid = _step(static, rule, params, cache, pending,
+            tokens, cache, slot_valid = _step(config, rule, params, cache, pending,
                                               jnp.asarray(lengths + step), slot_valid, prompt_len + step,
                                               jax.random.fold_in(key, step + 1))
         host = np.asarray(pending)

@@ -23,7 +23,6 @@ DEFAULT_RULES: dict[str, Optional[tuple[str, ...]]] = {
     "mlp": ("tensor",),
     "layers": None,
     "norm": None,
-    "gate": None,
     "lora_rank": None,          # LoRA's rank dimension: small, replicated
     "act_batch": ("data", "fsdp"),
     "act_seq": None,
@@ -32,7 +31,6 @@ DEFAULT_RULES: dict[str, Optional[tuple[str, ...]]] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
-    "act_head_dim": None,
 }
 
 

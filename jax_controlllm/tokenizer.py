@@ -92,9 +92,9 @@ def tokenizer_source_for(model: str | Path, tokenizer: Optional[str | Path] = No
 def run_tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
     """The tokenizer of a training run's real data: data.tokenizer, else the base model's (an HF directory as
     is; a GGUF's written once into ``run_dir/tokenizer``). None for synthetic data or when there is none."""
-    data = run.data or {}
-    if data.get("source") == "synthetic" or data.get("tokenizer"):
-        return data.get("tokenizer")
+    data = run.data
+    if data.synthetic or data.tokenizer:
+        return data.tokenizer
     path, fmt = run.base.path, run.base.format
     if path is None:
         return None

@@ -32,7 +32,11 @@ def _settings(args, scratch: Path) -> tuple[DataConfig, dict]:
         tokenizer = tokenizer or data.tokenizer
     else:
         run = load_config(args.config, args.set)
-        data = DataConfig.from_dict(run.data)
+        data = run.data
+        if data.synthetic:
+            raise ConfigError(f"{args.config}: data.source is synthetic (generated tokens, no records to inspect); "
+                              "inspect a config with data.sources")
+        data.validate()
         train = {"batch_size": run.train.batch_size, "seq_len": run.train.seq_len, "seed": run.train.seed}
         if tokenizer is None:                              # as training does: data.tokenizer, else the base model's
             from jax_controlllm.tokenizer import run_tokenizer_source
@@ -74,7 +78,7 @@ def _inspect(args, data: DataConfig, train: dict) -> None:
 
 def prepare_command(args) -> None:
     inputs = [{"path": p, "format": args.format, "text_unit": args.text_unit} for p in args.input]
-    data = DataConfig(sources=inputs, text_field=args.text_field, skip_bad_records=args.skip_bad_records)
+    data = DataConfig(text_field=args.text_field, skip_bad_records=args.skip_bad_records)   # reader settings
     summary = prepare_tfds(inputs, args.name, args.data_dir, version=args.version, eval_fraction=args.eval_fraction,
                            data=data, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))

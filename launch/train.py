@@ -115,7 +115,7 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         run_dir = Path(args.out or run.out_dir or Path("runs") / Path(args.config).stem)
         with hold_run_dir(run_dir, say):                        # one trainer per run directory
-            prepare_knowledge(run, run_dir)                     # the generated corpus, if the config asks
+            run, _ = prepare_knowledge(run, run_dir)            # the generated corpus, if the config asks
             run = resolve_auto_layers(run, run_dir)             # expansion.layers: auto, once per run
             check_data_config(run)
             mesh = make_mesh(run.mesh.shape, run.mesh.axes)

@@ -12,7 +12,6 @@ from jax_controlllm.config import ExpansionConfig
 from jax_controlllm.generate import (
     GenerationError,
     Sampling,
-    Static,
     TextStream,
     generate_ids,
     generate_text,
@@ -58,10 +57,9 @@ def uncached_greedy(config, params, prompt, n):
     """Reference: recompute the whole forward pass for every new token, one prompt at a time. The row is
     right-padded to a fixed length (one compilation); causal attention keeps the padding out of the logits
     that are read."""
-    key = Static(config)
-    if key not in _REFERENCE_FORWARD:
-        _REFERENCE_FORWARD[key] = jax.jit(lambda p, ids: forward(config, p, ids))
-    full = _REFERENCE_FORWARD[key]
+    if config not in _REFERENCE_FORWARD:
+        _REFERENCE_FORWARD[config] = jax.jit(lambda p, ids: forward(config, p, ids))
+    full = _REFERENCE_FORWARD[config]
     ids = list(prompt)
     assert len(ids) + n <= REFERENCE_LEN
     for _ in range(n):

@@ -119,7 +119,7 @@ def test_resolve_auto_layers_reuses_the_run_directorys_choice(tmp_path):
         resolve_auto_layers(run, tmp_path)                 # nothing recorded, and tiny has no base to analyse
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"expansion": {"layers": [1, 3]}}))
     resolved = resolve_auto_layers(run, tmp_path)
-    assert resolved.expansion.layers == [1, 3] and run.expansion.layers == "auto"
+    assert resolved.expansion.layers == (1, 3) and run.expansion.layers == "auto"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"expansion": {"layers": [1, 2, 3]}}))
     with pytest.raises(ConfigError, match="expansion.num_exp_layers"):
         resolve_auto_layers(run, tmp_path)

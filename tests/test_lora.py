@@ -157,7 +157,7 @@ def test_mode_lora_without_a_section_takes_the_defaults():
     run = tiny_run_config(*LORA)
     config = trained_model_config(run, base_model_config(run))
     assert config.lora == LoraConfig() and config.trainable_layers is None and not config.train_embeddings
-    assert LoraConfig().targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert LoraConfig().targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------------------------

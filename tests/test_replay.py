@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from jax_controlllm import knowledge as kn
-from jax_controlllm.config import ConfigError, ModelConfig, load_config
+from jax_controlllm.config import ConfigError, ModelConfig, SourceConfig, load_config
 from jax_controlllm.convert.hf import save_hf
 from jax_controlllm.experiment import prepare_knowledge
 from jax_controlllm.knowledge.replay import OPENERS, replay_documents
@@ -55,21 +55,21 @@ def test_prepare_knowledge_mixes_replay_into_the_training_sources(word_model, tm
     knowledge = dict(n_new=3, attributes=["city"], max_frequency=2, seed=0, replay_documents=5, replay_weight=0.25)
     run = load_config(data={"base": {"path": str(base)}, "model": {}, "knowledge": knowledge,
                             "train": {"steps": 1, "mode": "full"}})
-    paths = prepare_knowledge(run, tmp_path)
+    trained, paths = prepare_knowledge(run, tmp_path)
     rows = [json.loads(line) for line in open(paths["replay"])]
     assert len(rows) == 5 and all(r["text"] for r in rows)
     first = open(paths["replay"]).read()
-    sources = run.data["sources"]
-    assert sources == [{"path": paths["corpus"]}, {"path": paths["replay"], "weight": 0.25}]
+    sources = trained.data.sources
+    assert sources == (SourceConfig(path=paths["corpus"]), SourceConfig(path=paths["replay"], weight=0.25))
+    assert run.data.sources == ()                               # the loaded config is not changed
     prepare_knowledge(run, tmp_path)                            # a resume reads the same file, not a new draw
     assert open(paths["replay"]).read() == first
 
 
 @pytest.mark.parametrize("bad", [{"replay_documents": -1}, {"replay_weight": 0.0}])
 def test_bad_replay_settings_are_config_errors(tmp_path, bad):
-    run = load_config(data={"knowledge": {"n_new": 2, **bad}})
     with pytest.raises(ConfigError, match="knowledge: replay_documents must be >= 0 and replay_weight > 0"):
-        prepare_knowledge(run, tmp_path)
+        prepare_knowledge(load_config(data={"knowledge": {"n_new": 2, **bad}}), tmp_path)   # refused at load
 
 
 def test_replay_needs_a_base_model(tmp_path):

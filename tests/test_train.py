@@ -77,7 +77,7 @@ def test_synthetic_tokens_are_packed_deterministic_and_sliced_per_process():
 def test_modes_choose_the_trainable_leaves():
     full = tiny_run_config("train.mode=full", "expansion=null")
     config = trained_model_config(full, base_model_config(full))
-    assert config.expansion is None and config.trainable_layers == [0, 1, 2, 3] and config.train_embeddings
+    assert config.expansion is None and config.trainable_layers == (0, 1, 2, 3) and config.train_embeddings
     assert all(jax.tree.leaves(trainable_mask(config)))
 
     partial = tiny_run_config("train.mode=partial", "expansion=null", "train.trainable_layers=[3]")

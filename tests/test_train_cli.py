@@ -109,7 +109,7 @@ def test_mesh_flags_become_config_overrides():
     args = parse_args(["--config", str(TINY), "--mesh", "1x1x1", "--mesh-axes", "data,fsdp,tensor",
                        "--steps", "7", "--set", "train.lr=0.5"])
     run = load_config(args.config, overrides_from(args))
-    assert run.mesh.shape == "1x1x1" and run.mesh.axes == ["data", "fsdp", "tensor"]
+    assert run.mesh.shape == "1x1x1" and run.mesh.axes == ("data", "fsdp", "tensor")
     assert run.train.steps == 7 and run.train.lr == 0.5
 
 

@@ -30,7 +30,6 @@ from jax_controlllm.buckets import pad_rows
 from jax_controlllm.circuits.attribute import Scores, attribute
 from jax_controlllm.circuits.circuit import top_n_circuit
 from jax_controlllm.config import ConfigError, ModelConfig, RunConfig
-from jax_controlllm.experiment import knowledge_spec
 from jax_controlllm.knowledge import (
     QUERIES,
     Entity,
@@ -161,7 +160,7 @@ def resolve_auto_layers(run: RunConfig, run_dir: str | Path, progress: Callable[
 
 def circuit_choice(run: RunConfig, run_dir: str | Path, progress: Callable[[str], None] = print) -> LayerChoice:
     """Load the run's base model and tokenizer and choose its layers from the knowledge corpus's relations."""
-    spec = knowledge_spec(run)
+    spec = run.knowledge
     if spec is None or run.base.path is None:
         raise ConfigError("expansion.layers: auto needs a pretrained base (base.path) and a knowledge corpus "
                           "(the knowledge section) to find the circuits of its relations; list the layers instead")

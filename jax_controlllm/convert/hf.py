@@ -24,6 +24,8 @@ from jax_controlllm.config import (
     from_dict,
     model_config_from_hf,
     model_config_to_hf,
+    plain,
+    to_dict,
 )
 from jax_controlllm.convert.safetensors_io import SafetensorsDir, SafetensorsError, save_file
 from jax_controlllm.model.layout import layer_plan
@@ -132,7 +134,7 @@ def from_hf_tensors(config: ModelConfig, tensors: Mapping, as_numpy: bool = Fals
         params: dict = {}
         for path, name, transposed in _block_names(config, index, block):
             spec = _get(bspecs, path)
-            dtype = _dtype_for(config, spec)
+            dtype = np.dtype(jnp.dtype(spec.dtype))
             _set(params, path, _fetch(tensors, name, spec.shape, transposed, where_of(name)).astype(dtype))
             used.add(name)
         blocks.append(params)
@@ -146,10 +148,6 @@ def from_hf_tensors(config: ModelConfig, tensors: Mapping, as_numpy: bool = Fals
     if as_numpy:
         return tree
     return jax.tree.map(jnp.asarray, tree)
-
-
-def _dtype_for(config: ModelConfig, spec) -> np.dtype:
-    return np.dtype(jnp.dtype(spec.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +168,7 @@ def config_from_hf_dict(hf: dict, where: str = "config.json") -> ModelConfig:
         known = {f.name for f in dataclasses.fields(ExpansionConfig)}
         ours = hf.get("jax_controlllm_expansion") or {}
         fields = {k: v for k, v in {**exp, **ours}.items() if k in known}
-        config.expansion = from_dict(ExpansionConfig, fields, "expansion")
+        config = dataclasses.replace(config, expansion=from_dict(ExpansionConfig, fields, "expansion"))
     config.validate()
     return config
 
@@ -181,12 +179,15 @@ def config_to_hf_dict(config: ModelConfig, expanded_from: Optional[str] = None) 
     if exp is None:
         return hf
     plan = layer_plan(config)
-    release = dataclasses.asdict(exp)
+    release = to_dict(exp)
     release = {k: release[k] for k in RELEASE_EXPANSION_KEYS if k in release}
     release["freezed_layers"] = [i for i, b in enumerate(plan) if b.kind == "llama" and not b.trainable]
     release["expanded_from"] = expanded_from or ""
+    # The release's format names it; here the embeddings, final norm and LM head of an expanded model are always
+    # frozen, so it is no setting of ours (an imported config's value is ignored).
+    release["freeze_ori_non_layers"] = True
     hf["expansion"] = release
-    hf["jax_controlllm_expansion"] = {"layers": exp.layers, "divergence_mask": exp.divergence_mask}
+    hf["jax_controlllm_expansion"] = {"layers": plain(exp.layers), "divergence_mask": exp.divergence_mask}
     if any(b.kind == "controlled" for b in plan):
         hf.update(model_type="causallmexpansion", architectures=["CausalLMExpansion"])
     return hf
@@ -317,7 +318,7 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype: Optio
     by its absolute path, so the export loads offline from any working directory (until it is moved)."""
     merged: dict = {}
     if config.lora is not None:
-        merged["lora_merged"] = dataclasses.asdict(config.lora)
+        merged["lora_merged"] = to_dict(config.lora)
         config, params = merge_lora(config, params)
     report = save_hf_tensors(config, to_hf_tensors(config, params), out_dir, dtype, max_shard_bytes, expanded_from)
     return {**report, **merged}

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from jax_controlllm.config import ConfigError, ModelConfig
+from jax_controlllm.config import ConfigError, ModelConfig, to_dict
 from jax_controlllm.convert.hf import MERGED_MARKER, from_hf_tensors, save_hf_tensors, to_hf_tensors
 from jax_controlllm.model import forward
 from jax_controlllm.model.layout import layer_plan
@@ -124,6 +124,7 @@ def save_merged_hf(config: ModelConfig, params: dict, out_dir: str | Path, dtype
 
 def provenance(config: ModelConfig) -> dict:
     """The expansion dict kept in the merged config.json, marked as merged like the release does."""
-    exp = dataclasses.asdict(config.expansion)
+    exp = to_dict(config.expansion)
+    exp["freeze_ori_non_layers"] = True      # the release's key (see convert.hf.config_to_hf_dict)
     exp["num_exp_layers"] = MERGED_MARKER
     return exp

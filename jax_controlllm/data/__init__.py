@@ -8,7 +8,7 @@
 
 See docs/data.md.
 """
-from jax_controlllm.data.config import DataConfig, SourceConfig
+from jax_controlllm.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.iterator import DataIterator, make_data_iterator, make_eval_iterator
 from jax_controlllm.data.pack import IGNORE_INDEX, pack_documents

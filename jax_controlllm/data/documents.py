@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from jax_controlllm.data.config import DataConfig
+from jax_controlllm.config import DataConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.sources import BadRecord, Record
 from jax_controlllm.data.tokenize import ChatEncoder, ChatTemplateError, Document, TextEncoder, TokenPolicy

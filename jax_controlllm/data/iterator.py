@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_controlllm.data.config import DataConfig
+from jax_controlllm.config import DataConfig
 from jax_controlllm.data.documents import DocumentCursor, DocumentReader
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.pack import Packer, empty_rows, write_row
@@ -118,7 +118,7 @@ class DataIterator:
         """What determines the stream; a state only resumes on an iterator with the same fingerprint."""
         settings = {k: v for k, v in dataclasses.asdict(self.data).items()
                     if k not in ("sources", "eval_sources", "tokenizer", "skip_bad_records", "tokenize_chunk",
-                                 "prefetch")}
+                                 "prefetch", "source", "min_doc_len", "max_doc_len")}   # the last three: synthetic
         fingerprint = {"split": split, "seed": seed, "seq_len": self.seq_len, "shard_by": self.shard_by,
                        "parts": stream.parts, "settings": settings,
                        "tokens": {"vocab_size": len(self.tokenizer), **self.policy.describe(self.tokenizer)}}

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from jax_controlllm.data.config import DataConfig, SourceConfig
+from jax_controlllm.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.sources import BadRecord, open_source
 from jax_controlllm.data.stream import Concat, Holdout, holdout_every
@@ -86,7 +86,7 @@ def prepare_tfds(inputs: list, name: str, data_dir: str, version: str = "1.0.0",
     """
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise DataError(f"dataset name {name!r} must be snake_case (lowercase letters, digits, _), as TFDS requires")
-    data = data or DataConfig(sources=list(inputs))
+    data = data or DataConfig()                 # reader settings only: the inputs are the sources
     sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) if isinstance(s, dict) else SourceConfig(path=s)
                for s in inputs]
     for i, source in enumerate(sources):

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from jax_controlllm.data.config import DataConfig, SourceConfig
+from jax_controlllm.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
 
 _SCAN_BLOCK = 8 << 20      # bytes read at a time when indexing lines: memory stays flat for any line length

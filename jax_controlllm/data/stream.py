@@ -22,7 +22,7 @@ import grain
 import grain.experimental
 import numpy as np
 
-from jax_controlllm.data.config import DataConfig, SourceConfig
+from jax_controlllm.config import DataConfig, SourceConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.sources import open_source
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from jax_controlllm.data.config import DataConfig
+from jax_controlllm.config import DataConfig
 from jax_controlllm.data.errors import DataError
 
 DOC_END_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>")

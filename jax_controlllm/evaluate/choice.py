@@ -11,7 +11,6 @@ from jax_controlllm.config import ModelConfig
 from jax_controlllm.evaluate.batches import progress_bar
 from jax_controlllm.evaluate.readers import LETTERS, ChoiceQuestion, EvalInputError
 from jax_controlllm.evaluate.scoring import encode_pair, next_token_logprobs, score_continuations, split_for_scoring
-from jax_controlllm.generate import Static
 from jax_controlllm.tokenizer import encode, pad_id_of
 
 
@@ -83,7 +82,7 @@ def _letter_scores(config, params, tokenizer, questions, prompts, batch_size, pr
     is one token, as in Llama and SmolLM vocabularies)."""
     n_choices = max(len(q.choices) for q in questions)
     letter_ids = [encode(tokenizer, " " + LETTERS[i], templated=True) for i in range(n_choices)]
-    static, pad = Static(config), pad_id_of(config, tokenizer)
+    pad = pad_id_of(config, tokenizer)
     if any(len(ids) != 1 for ids in letter_ids):   # " A" is several tokens: score each letter as a continuation
         pairs = [encode_pair(tokenizer, p, " " + LETTERS[c]) for q, p in zip(questions, prompts)
                  for c in range(len(q.choices))]
@@ -99,7 +98,7 @@ def _letter_scores(config, params, tokenizer, questions, prompts, batch_size, pr
         ids, mask = pad_rows([rows[i] for i in chunk], batch_bucket(len(chunk), batch_size), pad)
         last = np.zeros(len(ids), np.int32)
         last[:len(chunk)] = [len(rows[i]) - 1 for i in chunk]
-        lp = np.asarray(next_token_logprobs(static, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(last),
+        lp = np.asarray(next_token_logprobs(config, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(last),
                                              jnp.asarray(np.broadcast_to(candidates, (len(ids), n_choices)))))
         for row, i in enumerate(chunk):
             out[i] = [float(x) for x in lp[row, :len(questions[i].choices)]]

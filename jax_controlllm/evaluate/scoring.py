@@ -19,23 +19,20 @@ from jax_controlllm.buckets import batch_bucket, pad_rows
 from jax_controlllm.config import ModelConfig
 from jax_controlllm.evaluate.batches import as_batch, progress_bar
 from jax_controlllm.evaluate.readers import EvalInputError
-from jax_controlllm.generate import Static
 from jax_controlllm.losses import cross_entropy_sum
 from jax_controlllm.model.stack import final_hidden, logits_from_hidden
 from jax_controlllm.tokenizer import encode
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nll(static: Static, params, ids, mask):
-    config = static.value
+def _nll(config: ModelConfig, params, ids, mask):
     h = final_hidden(config, params, ids, mask)
     return cross_entropy_sum(config, params, h, jnp.where(mask > 0, ids, -100))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _target_scores(static: Static, params, ids, mask):
+def _target_scores(config: ModelConfig, params, ids, mask):
     """Per position t: log p(ids[t+1] | ids[:t+1]) and the rank of ids[t+1] (1 = argmax). [B, S-1] each."""
-    config = static.value
     logits = logits_from_hidden(config, params, final_hidden(config, params, ids, mask)[:, :-1])
     targets = ids[:, 1:, None]
     target_logit = jnp.take_along_axis(logits, targets, axis=-1)
@@ -45,9 +42,8 @@ def _target_scores(static: Static, params, ids, mask):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def next_token_logprobs(static: Static, params, ids, mask, last, candidates):
+def next_token_logprobs(config: ModelConfig, params, ids, mask, last, candidates):
     """log p(candidate | row up to ``last``) for candidates [B, C] at each row's last real position."""
-    config = static.value
     h = final_hidden(config, params, ids, mask)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
     logprobs = jax.nn.log_softmax(logits_from_hidden(config, params, h_last)[:, 0], axis=-1)
@@ -70,9 +66,8 @@ def _over_chunks(fn, chunk: int, *xs):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def kl_sum(static: Static, base_static: Static, params, base_params, ids, mask):
+def kl_sum(config: ModelConfig, base_config: ModelConfig, params, base_params, ids, mask):
     """(sum over real positions of KL(base || model), number of positions)."""
-    config, base_config = static.value, base_static.value
     h = final_hidden(config, params, ids, mask)
     hb = final_hidden(base_config, base_params, ids, mask)
 
@@ -91,10 +86,10 @@ def kl_sum(static: Static, base_static: Static, params, base_params, ids, mask):
 
 def perplexity(config: ModelConfig, params: dict, batches: Sequence, progress: bool = False) -> dict:
     """Mean next-token loss over real tokens of ``batches`` (see ``text_batches``) and its exponential."""
-    static = Static(dataclasses.replace(config, loss_chunk=config.loss_chunk or SCORE_CHUNK))
+    config = dataclasses.replace(config, loss_chunk=config.loss_chunk or SCORE_CHUNK)
     total, count = 0.0, 0.0
     for batch in progress_bar(batches, progress, "perplexity"):
-        nll, n = _nll(static, params, *as_batch(batch))
+        nll, n = _nll(config, params, *as_batch(batch))
         total, count = total + float(nll), count + float(n)
     if count == 0:
         raise EvalInputError("no tokens to score: every row has fewer than 2 real tokens")
@@ -109,9 +104,9 @@ def kl_from_base(config: ModelConfig, params: dict, base_config: ModelConfig, ba
     if config.vocab_size != base_config.vocab_size:
         raise EvalInputError(f"the model's vocabulary ({config.vocab_size}) differs from the base's "
                              f"({base_config.vocab_size}); KL needs the same tokenizer")
-    static, base_static, total, count = Static(config), Static(base_config), 0.0, 0.0
+    total, count = 0.0, 0.0
     for batch in progress_bar(token_batches, progress, "KL from base"):
-        kl, n = kl_sum(static, base_static, params, base_params, *as_batch(batch))
+        kl, n = kl_sum(config, base_config, params, base_params, *as_batch(batch))
         total, count = total + float(kl), count + float(n)
     return {"kl": total / max(count, 1.0), "tokens": int(count)}
 
@@ -155,7 +150,6 @@ def score_continuations(config: ModelConfig, params: dict, pairs: Sequence[tuple
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
             raise EvalInputError(f"pair {i}: context and continuation both need at least one token")
-    static = Static(config)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # similar lengths
     scores: list[Optional[ContinuationScore]] = [None] * len(pairs)
     starts = range(0, len(order), batch_size)
@@ -163,7 +157,7 @@ def score_continuations(config: ModelConfig, params: dict, pairs: Sequence[tuple
         chunk = order[start:start + batch_size]
         rows = [list(pairs[i][0]) + list(pairs[i][1]) for i in chunk]
         ids, mask = pad_rows(rows, batch_bucket(len(rows), batch_size), pad_id)
-        logprob, rank = (np.asarray(x) for x in _target_scores(static, params, jnp.asarray(ids), jnp.asarray(mask)))
+        logprob, rank = (np.asarray(x) for x in _target_scores(config, params, jnp.asarray(ids), jnp.asarray(mask)))
         for row, i in enumerate(chunk):
             n_ctx, n_cont = len(pairs[i][0]), len(pairs[i][1])
             span = slice(n_ctx - 1, n_ctx - 1 + n_cont)      # position t scores token t + 1

@@ -6,9 +6,12 @@ is also frozen or trainable. Blocks with the same (kind, trainable) key have ide
 a repeating pattern of keys — e.g. 3 frozen plain + 1 controlled for 32 layers with every 4th controlled —
 becomes one *block group* scanned 8 times over a 4-block body. Compile time then does not grow with depth.
 ("Segment" means one packed document only: ``segment_ids``.)
+
+The layout is a pure function of the (frozen, hashable) ModelConfig, computed once per config and cached.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,12 +43,13 @@ class BlockGroup:
         return self.start + repeat * len(self.pattern) + position
 
 
-def layer_plan(config: ModelConfig) -> list[Block]:
+@functools.lru_cache(maxsize=256)
+def layer_plan(config: ModelConfig) -> tuple[Block, ...]:
     """The blocks of ``config`` in order (length = config.num_hidden_layers)."""
     exp = config.expansion
     if exp is None:
-        train = set(config.trainable_layers or [])
-        return [Block("llama", i in train, i) for i in range(config.num_hidden_layers)]
+        train = set(config.trainable_layers or ())
+        return tuple(Block("llama", i in train, i) for i in range(config.num_hidden_layers))
     num_ori = exp.num_ori_layers if exp.num_ori_layers is not None else config.num_hidden_layers
     chosen = selected_layers(exp, num_ori)
     ori_trainable = not exp.freeze_ori_layers
@@ -64,10 +68,10 @@ def layer_plan(config: ModelConfig) -> list[Block]:
     if len(blocks) != config.num_hidden_layers:
         raise ConfigError(f"model.num_hidden_layers is {config.num_hidden_layers} but the expansion "
                           f"({exp.expand_type}, {len(chosen)} of {num_ori} layers) gives {len(blocks)} blocks")
-    return blocks
+    return tuple(blocks)
 
 
-def group_blocks(plan: list[Block], scan: bool = True) -> list[BlockGroup]:
+def group_blocks(plan: tuple[Block, ...], scan: bool = True) -> list[BlockGroup]:
     """Cover the plan with repeated patterns, minimising the number of distinct block bodies to compile
     (the sum of pattern lengths), then the number of groups. A plain 32-layer model is one group of
     1 block x 32; 32 layers with every 4th controlled is one group of 4 blocks x 8."""
@@ -101,16 +105,17 @@ def controlled_indices(config: ModelConfig) -> list[int]:
     return [i for i, b in enumerate(layer_plan(config)) if b.kind == "controlled"]
 
 
-def block_groups(config: ModelConfig) -> list[BlockGroup]:
+@functools.lru_cache(maxsize=256)
+def block_groups(config: ModelConfig) -> tuple[BlockGroup, ...]:
     """Block groups of the model. The frozen prefix below the first trainable block gets groups of its own:
     nothing there needs a backward pass, and a scan body shared with trainable blocks would run one."""
     plan = layer_plan(config)
     first = first_trainable_block(config)
     if not first:
-        return group_blocks(plan, scan=config.scan_layers)
+        return tuple(group_blocks(plan, scan=config.scan_layers))
     head = group_blocks(plan[:first], scan=config.scan_layers)
     tail = group_blocks(plan[first:], scan=config.scan_layers)
-    return head + [BlockGroup(s.start + first, s.pattern, s.repeats) for s in tail]
+    return tuple(head + [BlockGroup(s.start + first, s.pattern, s.repeats) for s in tail])
 
 
 def first_trainable_block(config: ModelConfig) -> Optional[int]:

@@ -14,8 +14,6 @@ import numpy as np
 
 from jax_controlllm.config import ConfigError, RunConfig
 
-SYNTHETIC_KEYS = ("source", "min_doc_len", "max_doc_len")
-
 
 class SyntheticTokens:
     """Packed rows of arithmetic token sequences (a, a+k, a+2k, ... mod vocab) with random lengths.
@@ -80,45 +78,35 @@ class SyntheticTokens:
         return {"batches": self.batches}
 
 
-def is_synthetic(data: dict) -> bool:
-    return data.get("source") == "synthetic"
-
-
 def check_data_config(run: RunConfig) -> None:
-    """Fail before any work when the data section is missing or malformed."""
-    data = run.data or {}
-    if is_synthetic(data):
-        unknown = sorted(set(data) - set(SYNTHETIC_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown config key 'data.{unknown[0]}' for the synthetic source; "
-                              f"valid keys: {', '.join(SYNTHETIC_KEYS)}")
+    """Fail before any work when no data is configured (the section's values were checked by load_config;
+    a knowledge section supplies the sources at the start of the run: call this after prepare_knowledge)."""
+    data = run.data
+    if data.synthetic:
         return
-    if not data:
+    if not data.sources:
         raise ConfigError("data: no data configured; set data.sources (see docs/data.md) or "
                           "data: {source: synthetic} for generated tokens")
-    from jax_controlllm.data import DataConfig
-    DataConfig.from_dict(data)
+    data.validate()
 
 
 def make_iterator(run: RunConfig, vocab_size: int, split: str, process_index: int, process_count: int,
                   tokenizer=None):
     """This process's slice of each global batch of ``split`` ("train" or "eval")."""
-    train, data = run.train, run.data or {}
-    if is_synthetic(data):
-        extra = {k: data[k] for k in ("min_doc_len", "max_doc_len") if k in data}
+    train, data = run.train, run.data
+    if data.synthetic:
+        lengths = {k: getattr(data, k) for k in ("min_doc_len", "max_doc_len") if getattr(data, k) is not None}
         batch = train.batch_size if split == "train" else eval_batch_size(run)
         return SyntheticTokens(vocab_size, batch, train.seq_len, train.seed, process_index, process_count,
-                               split, **extra)
-    from jax_controlllm.data import DataConfig, make_data_iterator, make_eval_iterator
-    config = DataConfig.from_dict(data)
+                               split, **lengths)
+    from jax_controlllm.data import make_data_iterator, make_eval_iterator
     if split == "eval":
-        return make_eval_iterator(config, tokenizer, eval_batch_size(run), train.seq_len, process_index,
+        return make_eval_iterator(data, tokenizer, eval_batch_size(run), train.seq_len, process_index,
                                   process_count)
     # The training loop reads batches ahead in its own thread (PrefetchingIterator, train.prefetch); a second
     # prefetch thread inside the data pipeline would only stack another queue on top of it.
-    config = dataclasses.replace(config, prefetch=0)
-    return make_data_iterator(config, tokenizer, train.batch_size, train.seq_len, train.seed, process_index,
-                              process_count, split)
+    return make_data_iterator(dataclasses.replace(data, prefetch=0), tokenizer, train.batch_size, train.seq_len,
+                              train.seed, process_index, process_count, split)
 
 
 def eval_batch_size(run: RunConfig) -> int:

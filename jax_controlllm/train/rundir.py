@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from jax_controlllm.checkpoint import CHECKPOINTS, RunCheckpoints
-from jax_controlllm.config import ConfigError, RunConfig, load_config, to_dict
+from jax_controlllm.config import ConfigError, RunConfig, load_config, read_yaml, to_dict, without_retired
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "train.lock"
@@ -199,7 +199,7 @@ def hold_run_dir(run_dir: str | Path, log: Callable[[str], None]) -> Iterator[No
 HARMLESS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.save_every",
             "train.keep_last", "train.keep_every", "train.async_checkpoint", "train.prefetch",
             "train.peak_flops_per_device", "train.inject_nan_at_step", "train.inject_sigterm_at_step",
-            "mesh", "out_dir", "eval", "report", "data.prefetch", "data.tokenize_chunk",
+            "mesh", "out_dir", "report", "data.prefetch", "data.tokenize_chunk",
             # how the same model is computed, not what it is
             "model.remat", "model.attention_impl", "model.scan_layers", "model.loss_chunk")
 # What the checkpoint is: its architecture, expansion or adapters, tokenizer and what trains. No flag continues
@@ -254,7 +254,7 @@ def check_config_drift(run_dir: str | Path, run: RunConfig, allowed: tuple = ())
 def _record(path: Path) -> dict:
     """The recorded config with today's defaults filled in (as written by an older version: as it is)."""
     try:
-        return to_dict(load_config(path))
+        return to_dict(load_config(data=without_retired(read_yaml(path))))
     except ConfigError:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 

@@ -5,10 +5,11 @@ import signal
 import socket
 
 import pytest
+import yaml
 from conftest import copy_of
 from harness import DAMAGED_STEPS, EXIT_NONFINITE, TINY, TRIAL_OVERRIDES, Training, complete_steps, run_to_end
 
-from jax_controlllm.config import ConfigError, load_config
+from jax_controlllm.config import ConfigError, load_config, to_dict
 from jax_controlllm.train.rundir import check_config_drift, write_config
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +82,28 @@ def test_drift_that_may_continue_needs_allow_change(tmp_path, override, key, sec
     if section != "model":                                          # a whole section may be allowed too
         run_dir = recorded(tmp_path / "again")
         assert check_config_drift(run_dir, requested, allowed=(section,)) is not None
+
+
+def test_lists_in_the_record_are_no_drift_from_the_configs_tuples(tmp_path):
+    overrides = ["expansion.layers=[1, 3]", "mesh.axes=[fsdp]", "mesh.rules={embed: [fsdp], mlp: null}",
+                 "model.rope_scaling={rope_type: linear, factor: 2.0}"]
+    run_dir = recorded(tmp_path, *overrides)
+    assert "- 1\n" in (run_dir / "config.yaml").read_text()      # plain YAML lists, no Python tuples
+    assert check_config_drift(run_dir, load_config(TINY, overrides)) is None
+
+
+def test_a_record_written_by_an_earlier_version_is_no_drift(tmp_path):
+    """Before the config was frozen and typed, the record held data as written, an `eval` section and
+    expansion.freeze_ori_non_layers; a resume with the same config sees no change."""
+    run = load_config(TINY)
+    old = to_dict(run)
+    old["data"] = {"source": "synthetic", "min_doc_len": 4, "max_doc_len": 24}
+    old["expansion"]["freeze_ori_non_layers"] = True
+    old["eval"] = {}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert check_config_drift(tmp_path, run) is None
+    with pytest.raises(ConfigError, match="unknown config key '(eval|expansion.freeze_ori_non_layers)'"):   # retired
+        load_config(tmp_path / "config.yaml")
 
 
 def test_harmless_drift_applies_and_is_listed_in_one_line(tmp_path):
