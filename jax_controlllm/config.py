@@ -668,7 +668,7 @@ def _check_int_list(values: Optional[tuple], where: str) -> None:
     _check(not bad, where, f"expected a list of layer indices (integers), got {_show(values)}")
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -680,7 +680,7 @@ def _coerce(value, tp, where: str):
     """Coerce a YAML/CLI value to the annotated field type, or raise a ConfigError naming the field."""
     # Optional[X] and Optional[Union[X, Y]] (= Union[X, Y, None]) both accept null
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-    tp = _unwrap_optional(tp)
+    tp = unwrap_optional(tp)
     if value is None and optional:
         return value
     if value is None:

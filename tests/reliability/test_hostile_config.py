@@ -3,7 +3,6 @@ a validated RunConfig or raises a ConfigError with a message; never another exce
 import copy
 import dataclasses
 import time
-import types
 import typing
 
 import pytest
@@ -12,7 +11,7 @@ from harness import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jax_controlllm.config import ConfigError, RunConfig, load_config
+from jax_controlllm.config import ConfigError, RunConfig, load_config, unwrap_optional
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY_DATA = yaml.safe_load(TINY.read_text())
@@ -25,14 +24,6 @@ def load_or_config_error(*args, **kwargs) -> None:
     except ConfigError as err:
         assert str(err).strip(), "a ConfigError without a message"
     assert time.perf_counter() - start < 10
-
-
-def unwrap_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
 
 
 def field_paths(cls, prefix=()) -> list[tuple]:
@@ -56,6 +47,16 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
 SMALL_INTS = st.one_of(st.integers(-3, 70), st.lists(st.integers(-3, 70), max_size=5))
 
 
+def set_path(data: dict, path: tuple, value) -> None:
+    """data[path[0]][path[1]]... = value, replacing whatever is not a mapping on the way."""
+    node = data
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+
+
 EVERY_KIND = [None, True, 0, 1, -1, 2**70, 1.5, float("nan"), "", "x", "auto", [], [1], [1, "a"], [[1]], {}, {"a": 1}]
 
 
@@ -64,12 +65,7 @@ def test_every_kind_of_value_in_every_field(path):
     """Deterministic sweep (the random search below found `expansion.layers: 1` only on some seeds)."""
     for value in EVERY_KIND:
         data = copy.deepcopy(TINY_DATA)
-        node = data
-        for key in path[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[path[-1]] = value
+        set_path(data, path, value)
         load_or_config_error(data=data)
 
 
@@ -78,12 +74,7 @@ def test_every_kind_of_value_in_every_field(path):
 def test_any_value_in_any_field_is_accepted_or_named(edits):
     data = copy.deepcopy(TINY_DATA)
     for path, value in edits:
-        node = data
-        for key in path[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
-        node[path[-1]] = value
+        set_path(data, path, value)
     load_or_config_error(data=data)
 
 
