@@ -1,6 +1,7 @@
 """Control LLM against the authors' release (shared/reference/controlllm) and its invariants."""
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import jax
@@ -176,16 +177,16 @@ def test_divergence_options(base):
     config2, params2 = expand(config, params, ExpansionConfig("concat", 2, merge_method="dlerp"), jax.random.PRNGKey(0))
     # perturb the expanded branches so the branches differ
     params2 = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(hash(str(path)) % 1000), x.shape)
+        lambda path, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(zlib.crc32(str(path).encode())), x.shape)
         if "expanded_layer" in str(path) else x, params2)
     mask = np.ones_like(IDS)
-    mask[1, 8:] = 0
+    mask[1, 4:] = 0
     batch = {"input_ids": IDS, "attention_mask": mask}
     masked = controlllm_loss(config2, params2, batch)
     ref_cfg = dataclasses.replace(config2,
                                   expansion=dataclasses.replace(config2.expansion, divergence_mask="reference"))
     unmasked = controlllm_loss(ref_cfg, params2, batch)
-    assert float(masked["divergence"]) != pytest.approx(float(unmasked["divergence"]), rel=1e-3)
+    assert float(masked["divergence"]) != pytest.approx(float(unmasked["divergence"]), rel=1e-2)
     off = dataclasses.replace(config2, expansion=dataclasses.replace(config2.expansion, interpolation_loss_alpha=0))
     assert float(controlllm_loss(off, params2, batch)["divergence"]) == 0.0
     cos = dataclasses.replace(config2,

@@ -1,6 +1,7 @@
 """LoRA (train.mode lora): adapters start at the base exactly, their gradients follow from the kernel's, dropout
 is training-only and deterministic, a few steps train only the adapters, and exports are the merged plain Llama."""
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def _perturb_b(params: dict, seed: int = 3, scale: float = 0.2) -> dict:
     def perturb(path, x):
         if path[-1].key != "lora_b":
             return x
-        return x + scale * jax.random.normal(jax.random.fold_in(jax.random.key(seed), hash(str(path)) % 2**31),
+        return x + scale * jax.random.normal(jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(path).encode())),
                                              x.shape, x.dtype)
     return jax.tree_util.tree_map_with_path(perturb, params)
 
