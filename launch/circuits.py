@@ -2,15 +2,16 @@
 
     python -m launch.circuits CKPT [CKPT ...] --entities DATA/entities.jsonl --out OUT [--attribute city]
         [--top-n 0.1] [--curve 0.01,0.05,0.1] [--method EAP-IG] [--ig-steps 5] [--batch-size 16]
-        [--max-pairs 64] [--kind new]
+        [--max-pairs 64] [--kind new] [--resume]
     python -m launch.circuits corpus --out DATA [--n-new 40] [--n-revised 10] [--seed 0]
 
 CKPT: Hugging Face directories (e.g. exported with save_hf), Orbax run directories (every saved step is a
 checkpoint), step directories or exports of any model the trainer makes, a .gguf file or ``smollm2`` (the
 base model), oldest first. The prompt pairs are built from the entities file
 (written by the ``corpus`` command next to corpus.jsonl and probes.jsonl) with the first checkpoint's
-tokenizer (or --tokenizer). Writes OUT/evolution.json, OUT/pairs.json and PNG plots (see
-jax_controlllm/circuits/plots.py); docs/circuits.md explains every number.
+tokenizer (or --tokenizer). Writes OUT/evolution.json (after every checkpoint, with "complete": false
+until the last), OUT/pairs.json and PNG plots (see jax_controlllm/circuits/plots.py); --resume continues a
+stopped study from OUT/evolution.json. docs/circuits.md explains every number.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def parse_evolve_args(argv) -> argparse.Namespace:
     p.add_argument("--hit-k", type=int, default=10)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairing")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the checkpoints already analysed in OUT/evolution.json (same settings and pairs, "
+                        "same checkpoint paths): a stopped study continues, a longer series adds only new ones")
     return p.parse_args(argv)
 
 
@@ -89,6 +93,37 @@ def corpus_command(argv) -> int:
     return 0
 
 
+def study_inputs(args) -> dict:
+    """What the prompt pairs depend on besides the checkpoints; a resumed study must match it."""
+    return {"entities": str(Path(args.entities).resolve()), "attribute": args.attribute, "kind": args.kind,
+            "tokenizer": args.tokenizer, "bos_id": args.bos_id, "max_pairs": args.max_pairs, "seed": args.seed}
+
+
+def earlier_analyses(out: Path, settings, inputs: dict) -> list:
+    """The analyses of OUT/evolution.json, if it was made with these settings and inputs (else a ConfigError)."""
+    from dataclasses import asdict
+
+    from jax_controlllm.circuits.evolution import CheckpointAnalysis
+    path = out / "evolution.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    wanted = {**json.loads(json.dumps(asdict(settings))), **inputs}
+    had = {**record.get("settings", {}), **record.get("inputs", {})}
+    changed = [f"{key} {had.get(key)!r} -> {value!r}" for key, value in wanted.items() if had.get(key) != value]
+    if changed:
+        raise ConfigError(f"--resume: {path} was made with other settings ({'; '.join(changed)}); "
+                          f"use another --out or drop --resume")
+    return [CheckpointAnalysis.from_dict(c) for c in record["checkpoints"]]
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Whole or not at all: a study stopped mid-write keeps its previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
 def evolve_command(argv) -> int:
     from jax_controlllm.circuits.checkpoints import checkpoint_refs
     from jax_controlllm.circuits.evolution import EvolutionSettings, analyze_evolution
@@ -103,6 +138,10 @@ def evolve_command(argv) -> int:
     settings = EvolutionSettings(top_n=args.top_n, curve=tuple(args.curve), method=args.method,
                                  ig_steps=args.ig_steps, batch_size=args.batch_size, hit_k=args.hit_k,
                                  dtype=args.dtype)
+    out = Path(args.out)
+    inputs = study_inputs(args)
+    done = earlier_analyses(out, settings, inputs) if args.resume else []
+    out.mkdir(parents=True, exist_ok=True)
     cache = {}
 
     def probes_for(config):
@@ -111,24 +150,18 @@ def evolve_command(argv) -> int:
             bos = config.bos_token_id if args.bos_id is None else (None if args.bos_id < 0 else args.bos_id)
             cache["probes"] = make_prompt_pairs(entities, args.attribute, tokenizer, bos_id=bos,
                                                 pad_id=config.pad_token_id or 0, seed=args.seed)
+            write_pairs(out / "pairs.json", cache["probes"].head(args.max_pairs), args.attribute)
         return cache["probes"]
 
     def pairs_for(config):
         return probes_for(config).head(args.max_pairs)
 
+    def save(evolution, complete=False):
+        write_json(out / "evolution.json", {**evolution.to_dict(), "inputs": inputs, "complete": complete})
+
     evolution = analyze_evolution(refs, pairs_for, settings, progress=lambda m: print(m, flush=True),
-                                  probes=probes_for)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evolution.json").write_text(json.dumps(evolution.to_dict(), indent=1))
-    pairs = cache["probes"].head(args.max_pairs)
-    (out / "pairs.json").write_text(json.dumps({
-        "attribute": args.attribute, "clean": [q.prompt for q in pairs.clean],
-        "corrupted": [q.prompt for q in pairs.corrupted], "clean_answer": [q.answer for q in pairs.clean],
-        "corrupted_answer": [q.answer for q in pairs.corrupted], "clean_ids": pairs.clean_ids.tolist(),
-        "corrupted_ids": pairs.corrupted_ids.tolist(), "lengths": pairs.lengths.tolist(),
-        "clean_label": pairs.clean_label_ids.tolist(), "corrupted_label": pairs.corrupted_label_ids.tolist()},
-        indent=1))
+                                  probes=probes_for, done=done, on_checkpoint=save)
+    save(evolution, complete=True)
     plots = plot_evolution(evolution, out)
     for c in evolution.checkpoints:
         hits = "-" if c.hit_at_k is None else f"{c.hit_at_k:.2f} zero-ablated, {c.hit_at_k_mean:.2f} mean-ablated"
@@ -137,6 +170,15 @@ def evolve_command(argv) -> int:
     print(f"phase change at {evolution.checkpoints[evolution.phase_change].name}; wrote {out / 'evolution.json'}, "
           + ", ".join(str(p) for p in plots.values()))
     return 0
+
+
+def write_pairs(path: Path, pairs, attribute: str) -> None:
+    write_json(path, {
+        "attribute": attribute, "clean": [q.prompt for q in pairs.clean],
+        "corrupted": [q.prompt for q in pairs.corrupted], "clean_answer": [q.answer for q in pairs.clean],
+        "corrupted_answer": [q.answer for q in pairs.corrupted], "clean_ids": pairs.clean_ids.tolist(),
+        "corrupted_ids": pairs.corrupted_ids.tolist(), "lengths": pairs.lengths.tolist(),
+        "clean_label": pairs.clean_label_ids.tolist(), "corrupted_label": pairs.corrupted_label_ids.tolist()})
 
 
 def main(argv=None) -> int:

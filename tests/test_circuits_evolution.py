@@ -68,7 +68,7 @@ def _train_and_save(tmp_path, steps=(0, 15, 30)):
 
 
 @pytest.mark.slow
-def test_launch_circuits_end_to_end(tmp_path):
+def test_launch_circuits_end_to_end(tmp_path, capsys):
     from launch.circuits import main
     data, dirs = _train_and_save(tmp_path)
     out = tmp_path / "circuits"
@@ -99,6 +99,20 @@ def test_launch_circuits_end_to_end(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = json.loads((out / "pairs.json").read_text())
     assert all(a != b for a, b in zip(pairs["clean_label"], pairs["corrupted_label"]))
+    assert result["complete"] is True and result["inputs"]["max_pairs"] == 12
+
+    # --resume: a finished study is taken from its file whole; other settings are refused by name
+    args = [str(d) for d in dirs] + ["--entities", str(data["entities"]), "--out", str(out), "--top-n", "40",
+                                     "--curve", "0.05,20%,60", "--ig-steps", "2", "--max-pairs", "12",
+                                     "--batch-size", "8", "--resume"]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "analysing" not in printed and printed.count("reusing the earlier analysis") == len(dirs)
+    again = json.loads((out / "evolution.json").read_text())
+    assert [c["faithfulness"] for c in again["checkpoints"]] == [c["faithfulness"] for c in cps]
+    assert main(args[:-1] + ["--ig-steps", "3", "--resume"]) == 1
+    assert "ig_steps 2 -> 3" in capsys.readouterr().err
     assert main(["corpus", "--out", str(tmp_path / "again"), "--n-new", "3", "--n-revised", "1"]) == 0
 
 
@@ -178,3 +192,44 @@ def test_evolution_from_a_plain_to_a_control_llm_checkpoint(tmp_path):
     assert len(final.layer_activation_ratio) == 3
     assert set(plot_evolution(evolution, tmp_path)) == {"layer_activation", "logit_lens", "metrics", "head_classes",
                                                         "size_curve"}
+
+
+def test_a_study_saves_after_every_checkpoint_and_reuses_earlier_analyses():
+    """on_checkpoint sees the evolution so far; analyses read back from evolution.json are reused only for the
+    same checkpoint name and source, and a reused series summarises like a fresh one."""
+    from test_circuits import make_model, make_prompts
+
+    from jax_controlllm.circuits.checkpoints import CheckpointRef
+    from jax_controlllm.circuits.evolution import CheckpointAnalysis, EvolutionSettings, analyze_evolution
+    from jax_controlllm.knowledge import PromptPairs
+
+    models = {"base": make_model(heads=2, kv=1, layers=2)[:2],
+              "expanded": make_model(heads=2, kv=1, layers=2, controlled=(1,), merge="dlerp")[:2]}
+    loads = []
+
+    def ref(name, source=None):
+        def load():
+            loads.append(name)
+            return models[name]
+        return CheckpointRef(name, load, source or f"/checkpoints/{name}")
+
+    clean, corrupted, cl, kl, lengths = make_prompts()
+    pairs = PromptPairs(clean, corrupted, cl, kl, lengths, np.tile([[1, 3]], (5, 1)), [], [])
+    settings = EvolutionSettings(top_n=30, curve=(10,), ig_steps=2, batch_size=8)
+    partial = []
+    first = analyze_evolution([ref("base"), ref("expanded")], pairs, settings,
+                              on_checkpoint=lambda e: partial.append(json.loads(json.dumps(e.to_dict()))))
+    assert [len(p["checkpoints"]) for p in partial] == [1, 2] and partial[0]["edge_jaccard"] == [1.0]
+    assert partial[0]["checkpoints"][0]["source"] == "/checkpoints/base"
+
+    done = [CheckpointAnalysis.from_dict(c) for c in partial[0]["checkpoints"]]
+    loads.clear()
+    resumed = analyze_evolution([ref("base"), ref("expanded")], pairs, settings, done=done)
+    assert loads == ["expanded"]
+    for a, b in zip(first.checkpoints, resumed.checkpoints):
+        assert (a.edges, a.nodes, a.faithfulness) == (b.edges, b.nodes, b.faithfulness)
+    assert (resumed.edge_jaccard, resumed.phase_change) == (first.edge_jaccard, first.phase_change)
+
+    loads.clear()
+    analyze_evolution([ref("base", "/elsewhere/base")], pairs, settings, done=done)
+    assert loads == ["base"]                      # same name, other checkpoint: analysed again

@@ -15,20 +15,21 @@ from jax_controlllm.config import ConfigError
 class CheckpointRef:
     name: str
     load: Callable[[], tuple]        # () -> (ModelConfig, params)
+    source: str = ""                 # the resolved path (or "smollm2") it loads from; "" for in-memory models
 
 
 def _hf_ref(path: Path, dtype: str) -> CheckpointRef:
     def load():
         from jax_controlllm.convert import load_hf
         return load_hf(path, dtype=dtype)
-    return CheckpointRef(path.name, load)
+    return CheckpointRef(path.name, load, str(path.resolve()))
 
 
 def _orbax_ref(path: Path, name: str) -> CheckpointRef:
     def load():
         from jax_controlllm.checkpoint import load_model
         return load_model(path)
-    return CheckpointRef(name, load)
+    return CheckpointRef(name, load, str(path.resolve()))
 
 
 def _orbax_steps(path: Path) -> list[Path]:
@@ -62,7 +63,9 @@ def _base_ref(source: str, dtype: str) -> CheckpointRef:
     def load():
         from jax_controlllm.convert.auto import load_pretrained
         return load_pretrained(source, format="smollm2" if source == "smollm2" else "gguf", dtype=dtype)
-    return CheckpointRef(Path(source).stem if source != "smollm2" else "base", load)
+    if source == "smollm2":
+        return CheckpointRef("base", load, source)
+    return CheckpointRef(Path(source).stem, load, str(Path(source).resolve()))
 
 
 def _path_refs(path: Path, dtype: str) -> list[CheckpointRef]:

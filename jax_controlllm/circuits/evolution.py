@@ -73,6 +73,12 @@ class CheckpointAnalysis:
     lens_top1: list                           # per block: fraction of prompts with the target ranked first
     nodes: list = field(repr=False)
     edges: list = field(repr=False)
+    source: str = ""                          # where the checkpoint was loaded from (checkpoints.CheckpointRef)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "CheckpointAnalysis":
+        """The inverse of ``asdict`` after a JSON round trip (evolution.json)."""
+        return cls(**record)
 
 
 @dataclass
@@ -82,6 +88,14 @@ class Evolution:
     node_jaccard: list                        # with the final checkpoint's circuit
     edge_jaccard: list
     phase_change: int                         # index of the checkpoint where the topology has formed
+
+    @classmethod
+    def of(cls, settings: EvolutionSettings, analyses: list) -> "Evolution":
+        """The cross-checkpoint summaries of ``analyses`` (oldest first; the last one is the reference)."""
+        final = analyses[-1]
+        nodes = [jaccard(a.nodes, final.nodes) for a in analyses]
+        edges = [jaccard(a.edges, final.edges) for a in analyses]
+        return cls(settings, list(analyses), nodes, edges, phase_change(edges, settings.stable_jaccard))
 
     def to_dict(self) -> dict:
         return {"settings": asdict(self.settings), "phase_change": self.phase_change,
@@ -170,24 +184,38 @@ def analyze_checkpoint(name: str, config, params, pairs, settings: EvolutionSett
 
 
 def analyze_evolution(checkpoints: Iterable, pairs, settings: EvolutionSettings = EvolutionSettings(),
-                      progress: Optional[Callable[[str], None]] = None, probes=None) -> Evolution:
+                      progress: Optional[Callable[[str], None]] = None, probes=None, done: Iterable = (),
+                      on_checkpoint: Optional[Callable[[Evolution], None]] = None) -> Evolution:
     """Analyse a series of checkpoints (oldest first; see checkpoints.checkpoint_refs for what an item may be).
-    ``pairs`` and ``probes`` may also be functions (config -> pairs), e.g. to tokenise once a config is known."""
+    ``pairs`` and ``probes`` may also be functions (config -> pairs), e.g. to tokenise once a config is known.
+    ``done``: analyses made earlier with the same settings and pairs; a checkpoint with the same name and
+    (non-empty) source is taken from them instead of analysed again. ``on_checkpoint`` receives the evolution
+    so far (its last checkpoint as the reference) after each checkpoint, e.g. to save partial results."""
+    reusable = {(a.name, a.source): a for a in done if a.source}
     analyses = []
     for ref in checkpoint_refs(checkpoints, settings.dtype):
+        analysis = reusable.get((ref.name, ref.source)) if ref.source else None
         if progress:
-            progress(f"analysing {ref.name}")
-        config, params = ref.load()
-        prompt_pairs = pairs(config) if callable(pairs) else pairs
-        probe_pairs = probes(config) if callable(probes) else probes
-        analyses.append(analyze_checkpoint(ref.name, config, params, prompt_pairs, settings, probe_pairs))
-        if progress:
-            a = analyses[-1]
-            progress(f"  {a.n_edges} edges ({a.circuit_fraction:.1%}), faithfulness {a.faithfulness:.3f}, "
-                     f"EAP-IG {a.attribution_prompts_per_s:.2f} prompts/s, acquisition {a.acquisition}")
-        del params
-        gc.collect()
-    final = analyses[-1]
-    nodes = [jaccard(a.nodes, final.nodes) for a in analyses]
-    edges = [jaccard(a.edges, final.edges) for a in analyses]
-    return Evolution(settings, analyses, nodes, edges, phase_change(edges, settings.stable_jaccard))
+            progress(f"analysing {ref.name}" if analysis is None else f"{ref.name}: reusing the earlier analysis")
+        if analysis is None:
+            analysis = _analyze_ref(ref, pairs, probes, settings)
+            if progress:
+                progress(f"  {analysis.n_edges} edges ({analysis.circuit_fraction:.1%}), faithfulness "
+                         f"{analysis.faithfulness:.3f}, EAP-IG {analysis.attribution_prompts_per_s:.2f} prompts/s, "
+                         f"acquisition {analysis.acquisition}")
+        analyses.append(analysis)
+        if on_checkpoint:
+            on_checkpoint(Evolution.of(settings, analyses))
+    return Evolution.of(settings, analyses)
+
+
+def _analyze_ref(ref, pairs, probes, settings: EvolutionSettings) -> CheckpointAnalysis:
+    """Load one checkpoint, analyse it and let its weights go before the next one loads."""
+    config, params = ref.load()
+    prompt_pairs = pairs(config) if callable(pairs) else pairs
+    probe_pairs = probes(config) if callable(probes) else probes
+    analysis = analyze_checkpoint(ref.name, config, params, prompt_pairs, settings, probe_pairs)
+    analysis.source = ref.source
+    del params
+    gc.collect()
+    return analysis
