@@ -318,6 +318,9 @@ class TrainConfig(Section):
     adam_b2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad_norm: float = 1.0
+    # the λ schedule: the divergence term's weight is multiplied by 1 at the first step, by this at the last,
+    # linearly in between (1: constant λ; 0: the pull towards the frozen layers fades out)
+    divergence_scale_end: float = 1.0
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0                            # 0: no periodic eval
@@ -340,6 +343,8 @@ class TrainConfig(Section):
             value = getattr(self, name)
             _check(value >= least, f"train.{name}", f"must be at least {least}, got {value}")
         _check_int_list(self.trainable_layers, "train.trainable_layers")
+        _check(math.isfinite(self.divergence_scale_end) and self.divergence_scale_end >= 0,
+               "train.divergence_scale_end", f"must be a finite number >= 0, got {self.divergence_scale_end}")
 
 
 # Integer train settings and their smallest valid value (0 where 0 means "off" or "none").

@@ -128,6 +128,35 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert set(jax.tree.leaves(jax.tree.map(lambda g: g.dtype, g4))) == {jnp.dtype(jnp.float32)}
 
 
+def test_lambda_schedule_scales_the_divergence_gradient():
+    """train.divergence_scale_end: the step's gradient is that of CE + s · divergence, s going linearly from 1
+    at the first step to the end value at the last; metrics keep the unscaled divergence."""
+    from jax_controlllm.losses import controlllm_loss
+    from jax_controlllm.model.expand import expand
+    from jax_controlllm.train.step import divergence_scale
+    run = tiny_run_config("train.steps=11", "train.divergence_scale_end=0.25")
+    assert [float(divergence_scale(run.train, jnp.int32(s))) for s in (0, 5, 10, 50)] == [1.0, 0.625, 0.25, 0.25]
+    assert float(divergence_scale(tiny_run_config().train, jnp.int32(7))) == 1.0
+    base = base_model_config(run)
+    config = trained_model_config(run, base)
+    _, params = expand(base, init_params(base, jax.random.key(0)), run.expansion, jax.random.key(1))
+    trainable, frozen = partition(params, trainable_mask(config))
+    trainable = jax.tree.map(lambda x: x * 1.05 if x.ndim > 1 else x, trainable)
+    batch = {k: jnp.asarray(v) for k, v in next(SyntheticTokens(256, 4, 32, 0, min_doc_len=4,
+                                                                max_doc_len=24)).items()}
+    for scale in (0.0, 2.5):
+        metrics, grads = loss_and_grads(config, trainable, frozen, batch, 1, 1.0, None, scale)
+
+        def independent(t):
+            out = controlllm_loss(config, combine(t, frozen), batch)
+            return out["ce"] + scale * out["divergence"]
+        expected = jax.grad(independent)(trainable)
+        assert float(metrics["divergence"]) > 0
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected)
+    with pytest.raises(ConfigError, match="train.divergence_scale_end"):
+        tiny_run_config("train.divergence_scale_end=-1")
+
+
 @pytest.fixture(scope="module")
 def tiny_trainer():
     """One compiled tiny trainer (and a copy of its initial state) shared by the loop tests."""

@@ -89,11 +89,11 @@ def scored_tokens(batch: dict) -> jax.Array:
     return jnp.sum(valid)
 
 
-def _micro_loss(config: ModelConfig, total_tokens, accum: int, poison):
+def _micro_loss(config: ModelConfig, total_tokens, accum: int, poison, divergence_scale):
     """The micro-batch's share of the step loss, as a function of the trainable leaves."""
     def loss(trainable, frozen, micro, lora_rng):
         out = controlllm_loss(config, combine(trainable, frozen), micro, lora_rng)
-        share = out["ce"] * out["tokens"] / total_tokens + out["divergence"] / accum
+        share = out["ce"] * out["tokens"] / total_tokens + divergence_scale * out["divergence"] / accum
         return share * poison, out
     return loss
 
@@ -106,11 +106,12 @@ def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
 
 
 def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison,
-                   lora_rng=None):
+                   lora_rng=None, divergence_scale=1.0):
     """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32.
-    ``lora_rng``: the step's LoRA dropout key (None: no dropout), folded with the micro-batch index."""
+    ``lora_rng``: the step's LoRA dropout key (None: no dropout), folded with the micro-batch index.
+    ``divergence_scale``: the λ schedule's factor at this step (metrics keep the unscaled divergence)."""
     total_tokens = jnp.maximum(scored_tokens(batch), 1.0)
-    grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison), has_aux=True)
+    grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison, divergence_scale), has_aux=True)
     if accum == 1:
         grads, out = grad_fn(trainable, frozen, batch, lora_rng)
         return _metrics_share(out, total_tokens, 1), grads
@@ -150,6 +151,13 @@ def lora_dropout_rng(config: ModelConfig, train: TrainConfig, step: jax.Array):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(train.seed), LORA_DROPOUT_STREAM), step)
 
 
+def divergence_scale(train: TrainConfig, step: jax.Array) -> jax.Array:
+    """The λ schedule: 1 at the first step, ``train.divergence_scale_end`` at the last, linear in between
+    (by batches consumed, so a resumed run continues the same schedule)."""
+    progress = jnp.clip(step.astype(jnp.float32) / max(train.steps - 1, 1), 0.0, 1.0)
+    return 1.0 + (train.divergence_scale_end - 1.0) * progress
+
+
 def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation,
                   schedule: Callable, mesh, rules: dict) -> Callable:
     """The un-jitted step: (state, frozen, batch) -> (new state, metrics)."""
@@ -161,9 +169,10 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
             poison = jnp.float32(1.0)
             if inject >= 0:  # testing aid: this step's loss (and so its gradients) become NaN
                 poison = jnp.where(state.step + 1 == inject, jnp.float32(jnp.nan), poison)
+            scale = divergence_scale(train, state.step)
             metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison,
-                                            lora_dropout_rng(config, train, state.step))
-        loss = (metrics["ce"] + metrics["divergence"]) * poison
+                                            lora_dropout_rng(config, train, state.step), scale)
+        loss = (metrics["ce"] + scale * metrics["divergence"]) * poison
         grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient leaves weights and optimizer untouched (the loop decides whether
         # to stop or to skip); the batch still counts as consumed. A cond, not a select over the results:
@@ -180,7 +189,7 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
                                             (state.trainable, state.opt_state, grads))
         new_state = TrainState(state.step + 1, trainable, opt_state)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": schedule(applied_updates(state)),
-                   "finite": finite}
+                   "divergence_scale": scale, "finite": finite}
         return new_state, metrics
 
     return step
