@@ -392,6 +392,8 @@ class SourceConfig(Section):
     split: str = "train"                 # split of TFDS / save_to_disk DatasetDict sources
     eval_split: Optional[str] = None     # held-out split of this source (overrides DataConfig.eval_split)
     weight: float = 1.0                  # relative sampling weight in the mixture
+    lm_loss: bool = True                 # false: no next-token targets; the text still passes through the model,
+                                         # so Control LLM's divergence (alignment) loss sees it
     text_unit: str = "line"              # plain-text files: one document per line, or per file
     text_field: Optional[str] = None     # per-source overrides of the DataConfig field names
     messages_field: Optional[str] = None
@@ -584,6 +586,7 @@ class KnowledgeConfig(Section):
     seed: int = 0
     replay_documents: int = 0        # the base model's own text mixed in (knowledge/replay.py); 0: none
     replay_weight: float = 0.5       # sampling weight of a replay document relative to a corpus document
+    replay_lm_loss: bool = True      # false: replay text only anchors the divergence loss (no LM targets)
 
     def entities(self):
         """The corpus's ``jax_controlllm.knowledge.EntityConfig``."""

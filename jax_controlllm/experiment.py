@@ -33,7 +33,8 @@ def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> tuple[RunConfig, O
     sources = [SourceConfig(path=str(paths["corpus"]))]
     if spec.replay_documents:
         paths["replay"] = write_replay(run, Path(run_dir), spec)
-        sources.append(SourceConfig(path=str(paths["replay"]), weight=spec.replay_weight))
+        sources.append(SourceConfig(path=str(paths["replay"]), weight=spec.replay_weight,
+                                    lm_loss=spec.replay_lm_loss))
     if not run.data.sources and not run.data.synthetic:
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=tuple(sources)))
     return run, {k: str(v) for k, v in paths.items()}

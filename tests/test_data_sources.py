@@ -95,6 +95,23 @@ def test_mixture_follows_weights_and_every_epoch_covers_each_record_once(corpus)
     assert epochs[0] != epochs[1] and epochs[0] != list(range(25))
 
 
+def test_a_source_without_lm_loss_is_read_the_same_with_no_targets(corpus, tokenizer):
+    """lm_loss: false keeps the tokens, segments and positions (the model sees the text: Control LLM's divergence
+    counts it) and removes every next-token target of that source only."""
+    mixed = [{"path": str(corpus / "a.jsonl")}, {"path": str(corpus / "b.txt")}]
+    plain = batches({"sources": mixed}, tokenizer, n=6)
+    mixed[1]["lm_loss"] = False
+    anchored = batches({"sources": mixed}, tokenizer, n=6)
+    only_b = batches({"sources": [{"path": str(corpus / "b.txt"), "lm_loss": False}]}, tokenizer, n=2)
+    for x, y in zip(plain, anchored):
+        for key in ("input_ids", "segment_ids", "positions"):
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    trained_plain = sum(int((b["labels"] != -100).sum()) for b in plain)
+    trained_anchored = sum(int((b["labels"] != -100).sum()) for b in anchored)
+    assert 0 < trained_anchored < trained_plain
+    assert all((b["labels"] == -100).all() and (b["segment_ids"] > 0).any() for b in only_b)
+
+
 def test_holdout_is_disjoint_from_train_and_covers_everything(corpus):
     config = DataConfig.from_dict({"sources": [str(corpus / "*.jsonl")], "holdout_fraction": 0.25, "shuffle": False})
     train = train_stream(config, seed=0)

@@ -2,6 +2,7 @@
 knowledge corpus by prepare_knowledge (knowledge.replay_documents / replay_weight)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -64,6 +65,9 @@ def test_prepare_knowledge_mixes_replay_into_the_training_sources(word_model, tm
     assert run.data.sources == ()                               # the loaded config is not changed
     prepare_knowledge(run, tmp_path)                            # a resume reads the same file, not a new draw
     assert open(paths["replay"]).read() == first
+    anchor_only = dataclasses.replace(run, knowledge=dataclasses.replace(run.knowledge, replay_lm_loss=False))
+    anchored, _ = prepare_knowledge(anchor_only, tmp_path)
+    assert anchored.data.sources[1] == SourceConfig(path=paths["replay"], weight=0.25, lm_loss=False)
 
 
 @pytest.mark.parametrize("bad", [{"replay_documents": -1}, {"replay_weight": 0.0}])

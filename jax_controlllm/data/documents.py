@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from jax_controlllm.config import DataConfig
 from jax_controlllm.data.errors import DataError
 from jax_controlllm.data.sources import BadRecord, Record
@@ -140,7 +142,8 @@ class DocumentReader:
         stop = k + self.data.tokenize_chunk
         if self.finite:
             stop = min(stop, len(self))
-        items = [self._extract(self.records[j * self.shard_count + self.shard_index]) for j in range(k, stop)]
+        records = [self.records[j * self.shard_count + self.shard_index] for j in range(k, stop)]
+        items = [self._extract(record) for record in records]
         todo = [i for i, item in enumerate(items) if not isinstance(item, Skipped)]
         if self.data.mode == "sft":
             rendered = []
@@ -156,6 +159,8 @@ class DocumentReader:
         else:
             docs = self.encoder.encode([items[i][1] for i in todo])
         for i, doc in zip(todo, docs):
+            if not self.sources[records[i].source].lm_loss:      # alignment-only text: no next-token targets
+                doc = Document(doc.ids, np.zeros_like(doc.trained))
             items[i] = doc if len(doc) else Skipped("empty", items[i][0], "no tokens")
         self._start, self._items = k, items
 
