@@ -105,7 +105,7 @@ def _main(args: argparse.Namespace) -> int:
 
     def say(line: str) -> None:
         if jax.process_index() == 0:
-            print(line, file=sys.stderr)
+            sys.stderr.write(line + "\n")                  # one write: background threads print to stderr too
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)

@@ -101,8 +101,15 @@ class _Log:
         self.main = jax.process_index() == 0
 
     def __call__(self, message: str) -> None:
-        if self.main:
-            (self.bar.write if self.bar is not None else print)(message, file=sys.stderr)
+        if not self.main:
+            return
+        # One write, newline included: Orbax's and asyncio's background threads print to stderr too, and
+        # print()'s separate newline write lets their text land inside our line.
+        if self.bar is not None:
+            self.bar.write(message + "\n", file=sys.stderr, end="")
+        else:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
 
 
 def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: bool = True) -> LoopResult:
