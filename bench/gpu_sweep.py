@@ -41,6 +41,9 @@ H200_MATMUL_FLOPS = 788e12
 PEER_EAPIG_H100 = {"prompts_per_s": 18.04, "device": "NVIDIA H100 80GB HBM3",
                    "source": "shared/reference/performance/peer_dkc_eapig_h100.json",
                    "note": "recorded on an H100 on 2026-11-22, not in this run"}
+# The same code with TF32 matmuls (its fastest setting, batch 64): what our fp32 with XLA's default (TF32)
+# precision compares with.
+PEER_EAPIG_H100_TF32 = {**PEER_EAPIG_H100, "prompts_per_s": 25.54, "setting": "fp32 with TF32 on, batch 64"}
 
 OURS_BEST = ["--batch", "2", "--remat", "selective", "--attention", "cudnn", "--loss-chunk", "1024"]
 # name, role, precision, script, arguments, extra arguments (real run | dry run), estimated seconds on an H200.
@@ -48,18 +51,29 @@ ITEMS = [
     {"name": "peer-best", "role": "peer", "precision": "bf16", "script": "peer_w1.py",
      "args": ["--setting", "best"], "estimate_s": 100},
     {"name": "ours-best", "role": "ours", "precision": "bf16", "script": "train_step.py",
-     "args": OURS_BEST, "estimate_s": 60},
-    {"name": "peer-recipe", "role": "peer", "precision": "bf16", "script": "peer_w1.py",
-     "args": ["--setting", "recipe"], "estimate_s": 110},
+     "args": OURS_BEST, "real": ["--profile", "/tmp/profile_ours_best"], "estimate_s": 70},
+    # Levers (bench/README.md, "Next GPU session"): each a row of its own; add new ones here.
+    {"name": "ours-fp8", "role": "ours", "precision": "fp8", "script": "train_step.py",
+     "args": OURS_BEST + ["--frozen-matmul", "fp8"], "estimate_s": 60},
+    {"name": "ours-mb2-none", "role": "ours", "precision": "bf16", "script": "train_step.py",
+     "args": ["--batch", "2", "--remat", "none", "--attention", "cudnn", "--loss-chunk", "1024"], "estimate_s": 60},
     {"name": "eapig-fp32", "role": "ours", "precision": "fp32", "script": "eapig.py",
      "args": ["--dtype", "float32", "--batch", "64"], "real": ["--prompts", "512", "--repeats", "2"],
-     "dry": ["--smoke", "--batch", "8"], "estimate_s": 110},
-    # Levers (bench/README.md, "Next GPU session"): each a row of its own; add new ones here.
+     "dry": ["--smoke", "--batch", "8"], "estimate_s": 100},
+    {"name": "peer-best-mb4", "role": "peer", "precision": "bf16", "script": "peer_w1.py",
+     "args": ["--setting", "best", "--batch", "4"], "estimate_s": 110},
+    {"name": "peer-recipe", "role": "peer", "precision": "bf16", "script": "peer_w1.py",
+     "args": ["--setting", "recipe"], "estimate_s": 110},
     {"name": "ours-mb4-selective", "role": "ours", "precision": "bf16", "script": "train_step.py",
      "args": ["--batch", "4", "--remat", "selective", "--attention", "cudnn", "--loss-chunk", "1024"],
      "estimate_s": 70},
-    {"name": "peer-best-mb4", "role": "peer", "precision": "bf16", "script": "peer_w1.py",
-     "args": ["--setting", "best", "--batch", "4"], "estimate_s": 110},
+    {"name": "eapig-tf32", "role": "ours", "precision": "fp32-tf32", "script": "eapig.py",
+     "args": ["--dtype", "float32", "--precision", "default", "--batch", "64"],
+     "real": ["--prompts", "512", "--repeats", "2"], "dry": ["--smoke", "--batch", "8"], "estimate_s": 80,
+     "out": "eapig_h200_float32_tf32.json", "peer": "tf32"},
+    {"name": "ours-fp8-mb4", "role": "ours", "precision": "fp8", "script": "train_step.py",
+     "args": ["--batch", "4", "--remat", "selective", "--attention", "cudnn", "--loss-chunk", "1024",
+              "--frozen-matmul", "fp8"], "estimate_s": 70},
 ]
 TRAIN_REAL = ["--preset", "w1", "--steps", "10", "--warmup", "3"]
 TRAIN_DRY = ["--preset", "smoke", "--steps", "2", "--warmup", "1"]
@@ -93,7 +107,8 @@ def command_for(item: dict, args) -> list[str] | None:
         tail = ["--checkout", str(args.peer_checkout)] + (PEER_DRY if args.dry_run else PEER_REAL)
         python = args.peer_python
     elif item["script"] == "train_step.py":
-        tail, python = TRAIN_DRY if args.dry_run else TRAIN_REAL, sys.executable
+        tail = TRAIN_DRY if args.dry_run else TRAIN_REAL + item.get("real", [])
+        python = sys.executable
     else:
         tail, python = item.get("dry" if args.dry_run else "real", []), sys.executable
     return [python, f"bench/{item['script']}"] + item["args"] + tail
@@ -103,8 +118,9 @@ def child_env(item: dict, args) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if item["role"] == "peer":
         env["PYTHONPATH"] = str(args.peer_site) if args.peer_site else ""  # the pinned wheels, nothing of ours
-    else:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    else:   # the repository, the wheels the GPU image lacks (--ours-wheels), then the caller's path
+        site = str(args.ours_site) if args.ours_site else ""
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), site, os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -153,20 +169,21 @@ def same_run_ratios(rows: list[dict], run_id: str) -> None:
                 r["ratio_vs_peer_recipe_same_run"] = round(r["tokens_per_s"] / recipe["tokens_per_s"], 3)
 
 
-def install_peer_wheels(args) -> None:
-    wheels = sorted(Path(args.peer_wheels).glob("*.whl"))
+def install_wheels(flag: str, wheel_dir: Path, python: str, site: Path) -> None:
+    """pip install every wheel of ``wheel_dir`` into the folder ``site`` only (no index, no dependencies)."""
+    wheels = sorted(Path(wheel_dir).glob("*.whl"))
     if not wheels:
-        raise SystemExit(f"--peer-wheels {args.peer_wheels}: no .whl files there (bench/README.md: H200 sweep)")
-    subprocess.run([args.peer_python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(args.peer_site)] + [str(w) for w in wheels],
-                   check=True)
+        raise SystemExit(f"{flag} {wheel_dir}: no .whl files there (bench/README.md: H200 sweep)")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", str(site)] + [str(w) for w in wheels], check=True)
 
 
 def record_eapig(row: dict, item: dict, cmd: list[str], args, path: Path) -> None:
+    peer = PEER_EAPIG_H100_TF32 if item.get("peer") == "tf32" else PEER_EAPIG_H100
     row.update(name=item["name"], role="ours", run_id=args.run_id, host_cpu=cpu_model(),
-               command="python " + " ".join(cmd[1:]), peer_reference=PEER_EAPIG_H100)
+               command="python " + " ".join(cmd[1:]), peer_reference=peer)
     if row.get("platform") == "gpu":
-        row["ratio_vs_recorded_h100_peer"] = round(row["prompts_per_second"] / PEER_EAPIG_H100["prompts_per_s"], 2)
+        row["ratio_vs_recorded_h100_peer"] = round(row["prompts_per_second"] / peer["prompts_per_s"], 2)
     path.write_text(json.dumps(row, indent=1))
 
 
@@ -191,7 +208,8 @@ def sweep(args) -> list[dict]:
                   f"pass --budget-s {args.budget_s})", flush=True)
             continue
         timeout = max(60.0, args.budget_s + 60 - elapsed)
-        eapig_out = out_dir / ("dryrun_" + EAPIG_FILE if args.dry_run else EAPIG_FILE)
+        eapig_name = item.get("out", EAPIG_FILE)
+        eapig_out = out_dir / ("dryrun_" + eapig_name if args.dry_run else eapig_name)
         if item["script"] == "eapig.py":
             cmd += ["--out", str(eapig_out)]  # eapig.py writes its result there (and prints it indented)
         print(f"[sweep] {item['name']}: {' '.join(cmd)}", flush=True)
@@ -225,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--peer-wheels", type=Path, help="install these pinned wheels into --peer-site first")
     p.add_argument("--peer-site", type=Path, help="a --target directory only the peer processes import from "
                                                   "(default /tmp/peer_site with --peer-wheels)")
+    p.add_argument("--ours-wheels", type=Path, help="install these wheels (what the GPU image lacks: grain, "
+                                                    "array-record, portpicker) into --ours-site for our processes")
+    p.add_argument("--ours-site", type=Path, help="default /tmp/ours_site with --ours-wheels")
     p.add_argument("--out-dir", help="where the JSON rows and the log go (default bench/results; "
                                      "runs/gpu_sweep_dryrun with --dry-run)")
     p.add_argument("--run-id", default=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
@@ -234,7 +255,10 @@ def main(argv=None) -> int:
     args.out_dir = args.out_dir or str(ROOT / ("runs/gpu_sweep_dryrun" if args.dry_run else "bench/results"))
     if args.peer_wheels:
         args.peer_site = args.peer_site or Path("/tmp/peer_site")
-        install_peer_wheels(args)
+        install_wheels("--peer-wheels", args.peer_wheels, args.peer_python, args.peer_site)
+    if args.ours_wheels:
+        args.ours_site = args.ours_site or Path("/tmp/ours_site")
+        install_wheels("--ours-wheels", args.ours_wheels, sys.executable, args.ours_site)
     sweep(args)
     return 0
 

@@ -72,7 +72,8 @@ def run_config(args):
     from jax_controlllm.config import load_config
 
     preset = PRESETS[args.preset]
-    model = {**preset["model"], "remat": args.remat, "attention_impl": args.attention, "loss_chunk": args.loss_chunk}
+    model = {**preset["model"], "remat": args.remat, "attention_impl": args.attention, "loss_chunk": args.loss_chunk,
+             "frozen_matmul": args.frozen_matmul}
     data = {"model": model, "expansion": preset["expansion"],
             "train": dict(mode="controlllm", steps=args.warmup + args.steps, batch_size=args.batch, grad_accum=1,
                           seq_len=preset["seq_len"], lr=5e-5, min_lr=1e-5, warmup_steps=1000, weight_decay=0.01,
@@ -128,6 +129,7 @@ def measure(args) -> dict:
             if i >= args.warmup:
                 times.append(elapsed)
                 losses.append(loss)
+    fp8_gemms = fp8_lowering() if args.frozen_matmul == "fp8" else None
     profile = None
     if args.profile:
         profile = profile_steps(compiled, state, trainer.frozen, batches, args.profile)
@@ -138,7 +140,7 @@ def measure(args) -> dict:
     fpt = flops_per_token(trainer.model_config, seq)
     return {
         "preset": args.preset, "batch": args.batch, "seq_len": seq, "remat": args.remat,
-        "attention": args.attention, "loss_chunk": args.loss_chunk,
+        "attention": args.attention, "loss_chunk": args.loss_chunk, "frozen_matmul": args.frozen_matmul,
         "tokens_per_s": round(tokens_per_s, 1), "step_s_median": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in times], "first_step_s_incl_compile": round(first_step, 2),
         "setup_s": round(t_compile - t0, 2),
@@ -146,12 +148,41 @@ def measure(args) -> dict:
         "flops_per_token": fpt, "model_flops_utilisation": round(fpt * tokens_per_s / H100_PEAK, 4),
         "ratio_vs_peer_best": round(tokens_per_s / PEER_BEST, 3),
         "ratio_vs_peer_release_recipe": round(tokens_per_s / PEER_RECIPE, 3),
-        "loss_first_last": [losses[0], losses[-1]], "device": device.device_kind, "platform": device.platform,
+        "loss_first_last": [losses[0], losses[-1]], "loss_all": [round(x, 5) for x in losses],
+        **({"fp8_lowering": fp8_gemms} if fp8_gemms else {}), "device": device.device_kind, "platform": device.platform,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "versions": versions(),
         **({"profile": profile} if profile else {}),
         "command": "python " + " ".join(sys.argv),
     }
+
+
+def fp8_lowering() -> dict:
+    """How XLA compiles one FP8 projection (model/fp8.py) here, forward and input gradient, on a W1-sized
+    operand: the custom calls of the optimised HLO and whether any of them is cuBLASLt's FP8 GEMM. Tells an
+    FP8 row that ran at bf16 speed apart from one that ran FP8 GEMMs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_controlllm.model.fp8 import FORWARD_DTYPE, fp8_matmul, pow2_scale, quantize
+
+    x = jnp.ones((4096, 4096), jnp.bfloat16)
+    w = jnp.ones((4096, 1024), jnp.bfloat16)
+    scale = pow2_scale(w, FORWARD_DTYPE)
+    w_q = quantize(w, FORWARD_DTYPE, scale)
+    step = jax.jit(lambda x: jax.vjp(lambda x: fp8_matmul(x, w_q, scale), x)[1](jnp.ones((4096, 1024), x.dtype)))
+    # the same GEMM written with FP8 operands directly (scales applied to the output): the other form XLA
+    # may take, recorded so that a miss of the first shows whether this one would do
+    direct = jax.jit(lambda x: jax.lax.dot_general(quantize(x, FORWARD_DTYPE, 1.0), w_q, (((1,), (0,)), ((), ())),
+                                                   preferred_element_type=jnp.bfloat16) * scale.astype(jnp.bfloat16))
+
+    def custom_calls(fn) -> list:
+        text = fn.lower(x).compile().as_text()
+        return sorted({line.split('custom_call_target="')[1].split('"')[0] for line in text.splitlines()
+                       if 'custom_call_target="' in line})
+    calls, direct_calls = custom_calls(step), custom_calls(direct)
+    return {"custom_calls": calls, "fp8_gemm": any("f8" in c for c in calls),
+            "direct_f8_dot_custom_calls": direct_calls}
 
 
 KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
@@ -233,6 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="none", choices=["none", "selective", "full", "save_dots", "save_dots_no_batch"])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
     p.add_argument("--loss-chunk", type=int, default=0)
+    p.add_argument("--frozen-matmul", default="compute", choices=["compute", "fp8"],
+                   help="model.frozen_matmul: fp8 runs the frozen weights' GEMMs in FP8 (model/fp8.py)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep", action="store_true", help="run the SWEEP configurations, each in a new process")

@@ -133,6 +133,8 @@ class ModelConfig(Section):
     compute_dtype: str = "float32"                 # activations / matmul inputs
     remat: str = "none"                            # none | selective | full | save_dots | save_dots_no_batch
     attention_impl: str = "xla"                    # xla (masked softmax) | cudnn (fused, GPU)
+    frozen_matmul: str = "compute"                 # compute (compute_dtype) | fp8: frozen block weights' GEMMs
+                                                   # in FP8 (e4m3 forward, e5m2 gradients; model/fp8.py)
     scan_layers: bool = True
     loss_chunk: int = 0                            # sequence positions per LM-head + CE chunk (0: all at once);
                                                    # chunking keeps [B, S, V] float32 logits out of memory
@@ -176,6 +178,8 @@ class ModelConfig(Section):
                f"{self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         _check(self.attention_impl in ("xla", "cudnn"), "model.attention_impl",
                f"{self.attention_impl!r} is not one of xla, cudnn")
+        _check(self.frozen_matmul in ("compute", "fp8"), "model.frozen_matmul",
+               f"{self.frozen_matmul!r} is not one of compute, fp8")
         if self.expansion is not None:
             self.expansion.validate(self)
         if self.lora is not None:

@@ -204,11 +204,11 @@ def test_peer_harness_refuses_a_checkout_that_is_not_the_release(tmp_path):
 
 def test_sweep_keeps_the_pinned_wheels_to_the_peer_processes(tmp_path):
     gpu_sweep = bench_module("gpu_sweep")
-    args = type("Args", (), {"peer_site": tmp_path / "site"})()
+    args = type("Args", (), {"peer_site": tmp_path / "site", "ours_site": tmp_path / "ours"})()
     items = {item["name"]: item for item in gpu_sweep.ITEMS}
     assert gpu_sweep.child_env(items["peer-best"], args)["PYTHONPATH"] == str(tmp_path / "site")
     ours = gpu_sweep.child_env(items["ours-best"], args)["PYTHONPATH"].split(":")
-    assert ours[0] == str(ROOT) and str(tmp_path / "site") not in ours
+    assert ours[:2] == [str(ROOT), str(tmp_path / "ours")] and str(tmp_path / "site") not in ours
 
 
 def test_sweep_rows_carry_mfu_and_same_run_ratios():

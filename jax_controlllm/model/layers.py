@@ -17,6 +17,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jax_controlllm.config import ModelConfig
+from jax_controlllm.model.fp8 import fp8_matmul
 from jax_controlllm.model.lora import lora_update
 from jax_controlllm.sharding import constrain
 
@@ -79,7 +80,12 @@ class Context:
 
 
 def dense(x: jax.Array, p: dict, dtype) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
+    """x @ kernel (+ bias). A kernel with a ``kernel_scale`` beside it is a frozen weight quantised to FP8
+    (``model.frozen_matmul: fp8``, model/fp8.py): both of its GEMMs then run in FP8."""
+    if "kernel_scale" in p:
+        y = fp8_matmul(x.astype(dtype), p["kernel"], p["kernel_scale"])
+    else:
+        y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y

@@ -208,7 +208,7 @@ FIXED = ("model", "base.path", "base.format", "expansion", "lora", "data.tokeniz
          "train.trainable_layers")
 # Everything else (optimizer, batch, data, knowledge corpus, the dtypes the checkpoint is cast to) changes the
 # run, but continuing can be meaningful: allowed with --allow-change KEY.
-ADJUSTABLE_MODEL = ("model.param_dtype", "model.frozen_dtype", "model.compute_dtype")
+ADJUSTABLE_MODEL = ("model.param_dtype", "model.frozen_dtype", "model.compute_dtype", "model.frozen_matmul")
 
 
 def flatten(tree, prefix: str = "") -> dict:

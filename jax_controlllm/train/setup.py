@@ -42,7 +42,7 @@ from jax_controlllm.train.step import (
 
 # ModelConfig fields that are runtime policy: always taken from the run config, also for a base model.
 RUNTIME_FIELDS = ("param_dtype", "frozen_dtype", "compute_dtype", "remat", "attention_impl", "scan_layers",
-                  "loss_chunk")
+                  "loss_chunk", "frozen_matmul")
 
 
 # ----------------------------------------------------------------------------------------------

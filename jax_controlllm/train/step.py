@@ -20,6 +20,7 @@ import optax
 
 from jax_controlllm.config import ModelConfig, TrainConfig
 from jax_controlllm.losses import controlllm_loss, next_token_targets
+from jax_controlllm.model.fp8 import quantize_frozen_kernels
 from jax_controlllm.model.layout import controlled_indices
 from jax_controlllm.model.params import param_shardings
 from jax_controlllm.sharding import activation_sharding, batch_sharding, replicated
@@ -105,12 +106,19 @@ def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
             "merge_weight_per_layer": out["merge_weight_per_layer"] / accum}
 
 
+def frozen_for_forward(config: ModelConfig, frozen: dict) -> dict:
+    """The frozen leaves as the forward reads them: with ``model.frozen_matmul: fp8`` the block kernels are
+    quantised to FP8 here, once per step (a read of the frozen weights; the same values every step)."""
+    return quantize_frozen_kernels(frozen) if config.frozen_matmul == "fp8" else frozen
+
+
 def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison,
                    lora_rng=None, divergence_scale=1.0):
     """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32.
     ``lora_rng``: the step's LoRA dropout key (None: no dropout), folded with the micro-batch index.
     ``divergence_scale``: the λ schedule's factor at this step (metrics keep the unscaled divergence)."""
     total_tokens = jnp.maximum(scored_tokens(batch), 1.0)
+    frozen = frozen_for_forward(config, frozen)
     grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison, divergence_scale), has_aux=True)
     if accum == 1:
         grads, out = grad_fn(trainable, frozen, batch, lora_rng)
@@ -212,7 +220,7 @@ def eval_step_fn(config: ModelConfig, mesh, rules: dict) -> Callable:
     """(trainable, frozen, batch) -> metrics of the loss (no gradients)."""
     def evaluate(trainable: dict, frozen: dict, batch: dict):
         with activation_sharding(mesh, rules):
-            out = controlllm_loss(config, combine(trainable, frozen), batch)
+            out = controlllm_loss(config, combine(trainable, frozen_for_forward(config, frozen)), batch)
         return {"loss": out["total"], "ce": out["ce"], "divergence": out["divergence"], "tokens": out["tokens"]}
     return evaluate
 

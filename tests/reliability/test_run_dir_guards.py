@@ -68,6 +68,7 @@ def test_drift_of_what_the_checkpoint_is_has_no_override(tmp_path, override, key
     ("data.max_doc_len=20", "data.max_doc_len", "data"),            # the data
     ("train.lr=5e-4", "train.lr", "train"),                         # the optimizer
     ("model.compute_dtype=bfloat16", "model.compute_dtype", "model"),
+    ("model.frozen_matmul=fp8", "model.frozen_matmul", "model"),   # other numerics, same weights
 ])
 def test_drift_that_may_continue_needs_allow_change(tmp_path, override, key, section):
     run_dir = recorded(tmp_path)

@@ -1,0 +1,89 @@
+"""FP8 matmuls for the frozen weights (``model.frozen_matmul: fp8``).
+
+Frozen weights never change, so their quantisation is static: each frozen block kernel W becomes
+e4m3 values and one per-tensor scale s_W (per layer in a scanned stack), W ~ s_W q_W. A projection of x then
+runs as one FP8 GEMM:
+
+    forward          y  = (s_x q_x) @ (s_W q_W)         q_x: x in e4m3, s_x from amax(|x|) of this call
+    input gradient   dx = (s_g q_g) @ (s_W q_W)^T       q_g: dy in e5m2 (the wider range gradients need)
+
+No weight gradient exists (the weights are frozen), so no other matmul changes. Scales are powers of two, so
+they are exact in every format and ``q.astype(bf16) * s`` is the dequantised value bit for bit; the scale puts
+amax(|x|) in the top binade of the format (no overflow, one binade of headroom lost at most).
+
+The dequantise-then-dot form is what XLA's GPU GEMM rewriter turns into one cuBLASLt FP8 call on Hopper
+(convert(f8) * scalar on both operands of a dot); elsewhere (CPU) it runs as written, with the same numbers
+up to accumulation order, which is how the tests check it. Trainable weights (the expanded branches, LoRA
+adapters), the embeddings and the LM head keep the compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FORWARD_DTYPE = jnp.float8_e4m3fn     # activations and weights
+GRADIENT_DTYPE = jnp.float8_e5m2      # output gradients in the backward pass
+LAYERS_KEY = "layers"                 # the params subtree whose kernels are block projections
+
+
+def pow2_scale(x: jax.Array, dtype, axes=None) -> jax.Array:
+    """The smallest power of two s with amax(|x|) / s <= the format's largest value (float32, reduced over
+    ``axes``; all of x when None). An all-zero x gets the scale of amax = 1, which quantises it to zeros."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes)
+    amax = jnp.where(amax > 0, amax, 1.0)   # guard the input of log2, not only its output
+    return jnp.exp2(jnp.ceil(jnp.log2(amax / float(jnp.finfo(dtype).max))))
+
+
+def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
+    """x / scale rounded to the FP8 ``dtype`` (saturating at the format's largest value)."""
+    top = float(jnp.finfo(dtype).max)
+    return jnp.clip(x.astype(jnp.float32) / scale, -top, top).astype(dtype)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    return q.astype(dtype) * scale.astype(dtype)
+
+
+def _round_trip(x: jax.Array, dtype) -> jax.Array:
+    """x through the FP8 ``dtype`` with a per-tensor power-of-two scale, back in x's dtype."""
+    scale = pow2_scale(x, dtype)
+    return dequantize(quantize(x, dtype, scale), scale, x.dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: jax.Array, kernel_q: jax.Array, kernel_scale: jax.Array) -> jax.Array:
+    """x [..., in] (compute dtype) @ the frozen kernel given as e4m3 values [in, out] and its scale (scalar),
+    both GEMMs (forward, input gradient) in FP8. Returns [..., out] in x's dtype."""
+    return _forward(x, kernel_q, kernel_scale)[0]
+
+
+def _forward(x, kernel_q, kernel_scale):
+    kernel = dequantize(kernel_q, kernel_scale, x.dtype)
+    y = jnp.einsum("...i,io->...o", _round_trip(x, FORWARD_DTYPE), kernel)
+    return y, (kernel_q, kernel_scale)
+
+
+def _backward(residuals, dy):
+    kernel_q, kernel_scale = residuals
+    kernel = dequantize(kernel_q, kernel_scale, dy.dtype)
+    dx = jnp.einsum("...o,io->...i", _round_trip(dy, GRADIENT_DTYPE), kernel)
+    return dx, jnp.zeros_like(kernel_q), jnp.zeros_like(kernel_scale)   # frozen: no weight gradient
+
+
+fp8_matmul.defvjp(_forward, _backward)
+
+
+def quantize_frozen_kernels(frozen: dict) -> dict:
+    """The frozen parameter tree with every block projection kernel (under ``layers``) replaced by its e4m3
+    values plus a ``kernel_scale`` beside it: one scale per kernel, per layer for a scanned stack [L, in, out].
+    ``layers.dense`` runs such a projection through ``fp8_matmul``. Leaves elsewhere are returned as they are."""
+    def walk(node: dict, in_layers: bool) -> dict:
+        kernel = node.get("kernel")
+        if in_layers and kernel is not None and getattr(kernel, "ndim", 0) >= 2:
+            axes = (kernel.ndim - 2, kernel.ndim - 1)
+            scale = pow2_scale(kernel, FORWARD_DTYPE, axes)
+            return {**node, "kernel": quantize(kernel, FORWARD_DTYPE, scale[..., None, None]),
+                    "kernel_scale": scale}
+        return {key: walk(value, in_layers or key == LAYERS_KEY) if isinstance(value, dict) else value
+                for key, value in node.items()}
+    return walk(frozen, False)
