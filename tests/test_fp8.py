@@ -9,9 +9,9 @@ import pytest
 from test_train_helpers import paths, tiny_run_config
 
 from jax_controlllm.config import ConfigError
-from jax_controlllm.train.data import SyntheticTokens
 from jax_controlllm.model.fp8 import fp8_matmul, pow2_scale, quantize, quantize_frozen_kernels
 from jax_controlllm.train import build_trainer
+from jax_controlllm.train.data import SyntheticTokens
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
 
