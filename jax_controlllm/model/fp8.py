@@ -11,9 +11,9 @@ No weight gradient exists (the weights are frozen), so no other matmul changes. 
 they are exact in every format and ``q.astype(bf16) * s`` is the dequantised value bit for bit; the scale puts
 amax(|x|) in the top binade of the format (no overflow, one binade of headroom lost at most).
 
-The dequantise-then-dot form is what XLA's GPU GEMM rewriter turns into one cuBLASLt FP8 call on Hopper
-(convert(f8) * scalar on both operands of a dot); elsewhere (CPU) it runs as written, with the same numbers
-up to accumulation order, which is how the tests check it. Trainable weights (the expanded branches, LoRA
+Each GEMM is a dot of the FP8 operands themselves with the scales applied to its output, the form XLA
+lowers to one cuBLASLt FP8 call on Hopper; elsewhere (CPU) it runs as written, with the same numbers up to
+accumulation order, which is how the tests check it. Trainable weights (the expanded branches, LoRA
 adapters), the embeddings and the LM head keep the compute dtype.
 """
 from __future__ import annotations
@@ -44,10 +44,14 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return q.astype(dtype) * scale.astype(dtype)
 
 
-def _round_trip(x: jax.Array, dtype) -> jax.Array:
-    """x through the FP8 ``dtype`` with a per-tensor power-of-two scale, back in x's dtype."""
-    scale = pow2_scale(x, dtype)
-    return dequantize(quantize(x, dtype, scale), scale, x.dtype)
+def _fp8_dot(a_q, a_scale, b_q, b_scale, contract_b: int, dtype) -> jax.Array:
+    """(a_scale a_q) @ b_q contracted over a's last axis and b's axis ``contract_b``, as one GEMM of FP8
+    operands with ``dtype`` output, scaled after: the form XLA lowers to cuBLASLt's FP8 matmul on Hopper
+    (``__cublas$lt$matmul$f8``; a dequantise-then-dot form is run as a bf16 GEMM instead: measured on the
+    H200, bench/README.md). Power-of-two scales make the output scaling exact."""
+    dims = (((a_q.ndim - 1,), (contract_b,)), ((), ()))
+    y = jax.lax.dot_general(a_q, b_q, dims, preferred_element_type=dtype)
+    return y * (a_scale * b_scale).astype(dtype)
 
 
 @jax.custom_vjp
@@ -58,15 +62,15 @@ def fp8_matmul(x: jax.Array, kernel_q: jax.Array, kernel_scale: jax.Array) -> ja
 
 
 def _forward(x, kernel_q, kernel_scale):
-    kernel = dequantize(kernel_q, kernel_scale, x.dtype)
-    y = jnp.einsum("...i,io->...o", _round_trip(x, FORWARD_DTYPE), kernel)
+    x_scale = pow2_scale(x, FORWARD_DTYPE)
+    y = _fp8_dot(quantize(x, FORWARD_DTYPE, x_scale), x_scale, kernel_q, kernel_scale, 0, x.dtype)
     return y, (kernel_q, kernel_scale)
 
 
 def _backward(residuals, dy):
     kernel_q, kernel_scale = residuals
-    kernel = dequantize(kernel_q, kernel_scale, dy.dtype)
-    dx = jnp.einsum("...o,io->...i", _round_trip(dy, GRADIENT_DTYPE), kernel)
+    dy_scale = pow2_scale(dy, GRADIENT_DTYPE)
+    dx = _fp8_dot(quantize(dy, GRADIENT_DTYPE, dy_scale), dy_scale, kernel_q, kernel_scale, 1, dy.dtype)
     return dx, jnp.zeros_like(kernel_q), jnp.zeros_like(kernel_scale)   # frozen: no weight gradient
 
 
