@@ -1,7 +1,7 @@
 """One prepared GPU sweep: the release's W1 step beside ours in the same run, then EAP-IG; each in its own process.
 
     # on the GPU machine (bench/README.md: "H200 sweep"; .whl and .peer carried):
-    python3 bench/gpu_sweep.py --peer-checkout .peer/ControlLLM --peer-wheels .whl --out-dir $OUT
+    python3 bench/gpu_sweep.py --peer-checkout .peer/ControlLLM --peer-wheels .whl --ours-wheels .whl_ours --out-dir $OUT
     # here, on the CPU: the same sweep on tiny shapes (the peer items only when a peer environment is given)
     python bench/gpu_sweep.py --dry-run [--peer-checkout /work/peer/ControlLLM --peer-python /work/peer-venv/bin/python]
 
@@ -20,6 +20,7 @@ ours never do, so our JAX process never imports transformers 4.49.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -259,6 +260,8 @@ def main(argv=None) -> int:
     if args.ours_wheels:
         args.ours_site = args.ours_site or Path("/tmp/ours_site")
         install_wheels("--ours-wheels", args.ours_wheels, sys.executable, args.ours_site)
+        sys.path.insert(1, str(args.ours_site))   # this driver imports the library too (the FLOP count)
+        importlib.invalidate_caches()
     sweep(args)
     return 0
 

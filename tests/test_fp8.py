@@ -137,3 +137,22 @@ def test_a_bad_frozen_matmul_is_one_line_naming_the_key():
     with pytest.raises(ConfigError) as err:
         tiny_run_config("model.frozen_matmul=fp4")
     assert "model.frozen_matmul" in str(err.value) and "fp4" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", [("train.mode=lora", "expansion=null"),
+                                  ("train.mode=partial", "expansion=null", "train.trainable_layers=[3]")],
+                         ids=["lora", "partial"])
+def test_fp8_reaches_the_frozen_kernels_of_lora_and_partial_tuning(mode):
+    from jax_controlllm.train.step import frozen_for_forward, loss_and_grads
+    plain, fp8 = _trainer(*mode), _trainer(*mode, "model.frozen_matmul=fp8")
+    quantised = frozen_for_forward(fp8.model_config, fp8.frozen)
+    assert any(p[-1] == "kernel_scale" for p in paths(quantised))
+    batch = jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
+                           plain.shardings.batch)
+    ce = {}
+    for name, trainer in (("bf16", plain), ("fp8", fp8)):
+        metrics, grads = jax.jit(lambda t, f, b, c=trainer.model_config: loss_and_grads(c, t, f, b, 1, 1.0))(
+            trainer.state.trainable, trainer.frozen, batch)
+        assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+        ce[name] = float(metrics["ce"])
+    assert ce["fp8"] != ce["bf16"] and abs(ce["fp8"] - ce["bf16"]) < 0.02 * ce["bf16"]
