@@ -1,7 +1,8 @@
 """One prepared GPU sweep: the release's W1 step beside ours in the same run, then EAP-IG; each in its own process.
 
-    # on the GPU machine (bench/README.md: "H200 sweep"; .whl and .peer carried):
-    python3 bench/gpu_sweep.py --peer-checkout .peer/ControlLLM --peer-wheels .whl --ours-wheels .whl_ours --out-dir $OUT
+    # on the GPU machine (bench/README.md: "H200 sweep"; .whl, .whl_ours and .peer carried):
+    python3 bench/gpu_sweep.py --peer-checkout .peer/ControlLLM --peer-wheels .whl --ours-wheels .whl_ours \
+        --out-dir $OUT
     # here, on the CPU: the same sweep on tiny shapes (the peer items only when a peer environment is given)
     python bench/gpu_sweep.py --dry-run [--peer-checkout /work/peer/ControlLLM --peer-python /work/peer-venv/bin/python]
 
