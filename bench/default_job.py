@@ -3,9 +3,11 @@ its before/after report recorded side by side (issue 15: the job must hold on co
 
     python bench/default_job.py --seeds 0 1 2 --record bench/results/default_job_cpu.json
     python bench/default_job.py --runs runs/default runs/seed1 --record ...   # record runs trained already
+    python bench/default_job.py --seeds 1 2 --name lam_sched_seed --set train.divergence_scale_end=2 --record ...
 
 Each seed trains with `python -m launch.train --out runs/default_seed{s} --set knowledge.seed={s}` (the HF export
-off); `--runs` reads the `report.json` and `config.yaml` of runs trained that way (e.g. by `make train`).
+off; `--set` adds overrides, `--name` another run-directory prefix); every row has the run's loss curve; `--runs`
+reads the `report.json` and `config.yaml` of runs trained that way (e.g. by `make train`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def train(seed: int, out: Path) -> float:
+def train(seed: int, out: Path, overrides: list[str]) -> float:
     start = time.time()
     cmd = [sys.executable, "-m", "launch.train", "--out", str(out), "--no-progress",
            "--set", f"knowledge.seed={seed}", "--set", "report.export_hf=false"]
+    cmd += [arg for o in overrides for arg in ("--set", o)]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return time.time() - start
+
+
+def curve(run_dir: Path) -> list[list[float]]:
+    """[step, ce, divergence] of every training record in metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [[r["step"], round(r["ce"], 5), round(r["divergence"], 5)] for r in rows if "ce" in r and "step" in r]
 
 
 def summarise(run_dir: Path) -> dict:
@@ -40,20 +49,25 @@ def summarise(run_dir: Path) -> dict:
             "retention": ret["retention"], "kept": ret["kept"], "lost": ret["lost"],
             "kl_from_base": ret["kl_from_base"], "meets_target": acq["exact_match"] >= 0.6 and ret["retention"] >= 0.9,
             "lost_examples": [(e["prompt"], e["answer"], e["output"]) for e in ret.get("lost_examples", [])],
-            "expansion": config.get("expansion"), "knowledge": config.get("knowledge"), "train": config.get("train")}
+            "expansion": config.get("expansion"), "knowledge": config.get("knowledge"), "train": config.get("train"),
+            "frozen_matmul": config.get("model", {}).get("frozen_matmul", "compute"),
+            "curve_step_ce_divergence": curve(run_dir)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="*", default=[])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the runs trained here (e.g. model.frozen_matmul=fp8)")
+    p.add_argument("--name", default="default_seed", help="runs/NAME{seed} is where each seed trains")
     p.add_argument("--runs", nargs="*", default=[], help="run directories trained already")
     p.add_argument("--record", required=True)
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     runs, seconds = [Path(r) for r in args.runs], {}
     for seed in args.seeds:
-        out = ROOT / "runs" / f"default_seed{seed}"
-        seconds[str(out)] = round(train(seed, out), 1)
+        out = ROOT / "runs" / f"{args.name}{seed}"
+        seconds[str(out)] = round(train(seed, out, args.overrides), 1)
         runs.append(out)
     rows = [summarise(r) | ({"wall_seconds": seconds[str(r)]} if str(r) in seconds else {}) for r in runs]
     import jax

@@ -129,7 +129,7 @@ def measure(args) -> dict:
             if i >= args.warmup:
                 times.append(elapsed)
                 losses.append(loss)
-    fp8_gemms = fp8_lowering() if args.frozen_matmul == "fp8" else None
+    fp8_gemms = fp8_lowering() if args.frozen_matmul != "compute" else None
     profile = None
     if args.profile:
         profile = profile_steps(compiled, state, trainer.frozen, batches, args.profile)
@@ -264,8 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="none", choices=["none", "selective", "full", "save_dots", "save_dots_no_batch"])
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "xla"])
     p.add_argument("--loss-chunk", type=int, default=0)
-    p.add_argument("--frozen-matmul", default="compute", choices=["compute", "fp8"],
-                   help="model.frozen_matmul: fp8 runs the frozen weights' GEMMs in FP8 (model/fp8.py)")
+    p.add_argument("--frozen-matmul", default="compute", choices=["compute", "fp8", "fp8_backward"],
+                   help="model.frozen_matmul: fp8 runs the frozen weights' GEMMs in FP8, fp8_backward only their "
+                        "input gradients (model/fp8.py)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep", action="store_true", help="run the SWEEP configurations, each in a new process")

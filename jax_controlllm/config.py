@@ -102,6 +102,7 @@ POSITIVE_MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
 MAX_LAYERS = 100_000      # far beyond any real model: a bound that keeps per-layer work at load time small
 
 REMAT_POLICIES = ("none", "selective", "full", "save_dots", "save_dots_no_batch")
+FROZEN_MATMULS = ("compute", "fp8", "fp8_backward")   # model.frozen_matmul (model/fp8.py)
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ class ModelConfig(Section):
     compute_dtype: str = "float32"                 # activations / matmul inputs
     remat: str = "none"                            # none | selective | full | save_dots | save_dots_no_batch
     attention_impl: str = "xla"                    # xla (masked softmax) | cudnn (fused, GPU)
-    frozen_matmul: str = "compute"                 # compute (compute_dtype) | fp8: frozen block weights' GEMMs
-                                                   # in FP8 (e4m3 forward, e5m2 gradients; model/fp8.py)
+    frozen_matmul: str = "compute"                 # compute (compute_dtype) | fp8 | fp8_backward: the frozen block
+                                                   # weights' GEMMs in FP8, both or the input gradient only
+                                                   # (model/fp8.py)
     scan_layers: bool = True
     loss_chunk: int = 0                            # sequence positions per LM-head + CE chunk (0: all at once);
                                                    # chunking keeps [B, S, V] float32 logits out of memory
@@ -178,8 +180,8 @@ class ModelConfig(Section):
                f"{self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         _check(self.attention_impl in ("xla", "cudnn"), "model.attention_impl",
                f"{self.attention_impl!r} is not one of xla, cudnn")
-        _check(self.frozen_matmul in ("compute", "fp8"), "model.frozen_matmul",
-               f"{self.frozen_matmul!r} is not one of compute, fp8")
+        _check(self.frozen_matmul in FROZEN_MATMULS, "model.frozen_matmul",
+               f"{self.frozen_matmul!r} is not one of {', '.join(FROZEN_MATMULS)}")
         if self.expansion is not None:
             self.expansion.validate(self)
         if self.lora is not None:

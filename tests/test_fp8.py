@@ -156,3 +156,32 @@ def test_fp8_reaches_the_frozen_kernels_of_lora_and_partial_tuning(mode):
         assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
         ce[name] = float(metrics["ce"])
     assert ce["fp8"] != ce["bf16"] and abs(ce["fp8"] - ce["bf16"]) < 0.02 * ce["bf16"]
+
+
+def test_fp8_backward_keeps_the_forward_exact_and_quantises_the_input_gradient():
+    from jax_controlllm.model.fp8 import fp8_backward_matmul
+    x, w, w_q, s_w, dy = _operands(2)
+    y, vjp = jax.vjp(lambda x: fp8_backward_matmul(x, w, w_q, s_w), x)
+    np.testing.assert_array_equal(y, jnp.einsum("...i,io->...o", x, w))
+    (dx,) = vjp(dy)
+    (dx_fp8,) = jax.vjp(lambda x: fp8_matmul(x, w_q, s_w), x)[1](dy)
+    np.testing.assert_array_equal(dx, dx_fp8)
+
+
+def test_an_fp8_backward_step_has_the_exact_loss_and_close_gradients():
+    from jax_controlllm.train.step import frozen_for_forward, loss_and_grads
+    plain, fp8 = _trainer(), _trainer("model.frozen_matmul=fp8_backward")
+    quantised = frozen_for_forward(fp8.model_config, fp8.frozen)
+    assert {p[-1] for p in paths(quantised)} >= {"kernel", "kernel_grad_fp8", "kernel_scale"}
+    batch = jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
+                           plain.shardings.batch)
+    out = {}
+    for name, trainer in (("bf16", plain), ("fp8", fp8)):
+        metrics, grads = jax.jit(lambda t, f, b, c=trainer.model_config: loss_and_grads(c, t, f, b, 1, 1.0))(
+            trainer.state.trainable, trainer.frozen, batch)
+        out[name] = (float(metrics["ce"]), float(metrics["divergence"]),
+                     np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
+    assert out["fp8"][:2] == out["bf16"][:2]                       # the same function
+    g_b, g_f = out["bf16"][2], out["fp8"][2]
+    assert not np.array_equal(g_b, g_f)
+    assert 0.98 < g_b @ g_f / (np.linalg.norm(g_b) * np.linalg.norm(g_f)) < 1.0

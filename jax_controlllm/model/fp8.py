@@ -1,12 +1,17 @@
-"""FP8 matmuls for the frozen weights (``model.frozen_matmul: fp8``).
+"""FP8 matmuls for the frozen weights (``model.frozen_matmul: fp8 | fp8_backward``).
 
 Frozen weights never change, so their quantisation is static: each frozen block kernel W becomes
 e4m3 values and one per-tensor scale s_W (per layer in a scanned stack), W ~ s_W q_W. A projection of x then
-runs as one FP8 GEMM:
+runs as FP8 GEMMs:
 
     forward          y  = (s_x q_x) @ (s_W q_W)         q_x: x in e4m3, s_x from amax(|x|) of this call
     input gradient   dx = (s_g q_g) @ (s_W q_W)^T       q_g: dy in e5m2 (the wider range gradients need)
 
+``fp8`` runs both in FP8. ``fp8_backward`` keeps the forward exact (x @ W in the compute dtype) and runs only the
+input gradient in FP8: the model trained is then the same function as without it, and only its gradients are
+approximate. That matters for Control LLM: with an FP8 forward the frozen branch's quantisation error is part of
+the divergence the expanded branch is pulled towards, and the model is trained against outputs it does not
+produce when evaluated or exported in the compute dtype (measured on SmolLM2 in the README: "FP8 on a real run").
 No weight gradient exists (the weights are frozen), so no other matmul changes. Scales are powers of two, so
 they are exact in every format and ``q.astype(bf16) * s`` is the dequantised value bit for bit; the scale puts
 amax(|x|) in the top binade of the format (no overflow, one binade of headroom lost at most).
@@ -77,17 +82,41 @@ def _backward(residuals, dy):
 fp8_matmul.defvjp(_forward, _backward)
 
 
-def quantize_frozen_kernels(frozen: dict) -> dict:
-    """The frozen parameter tree with every block projection kernel (under ``layers``) replaced by its e4m3
-    values plus a ``kernel_scale`` beside it: one scale per kernel, per layer for a scanned stack [L, in, out].
-    ``layers.dense`` runs such a projection through ``fp8_matmul``. Leaves elsewhere are returned as they are."""
+@jax.custom_vjp
+def fp8_backward_matmul(x: jax.Array, kernel: jax.Array, kernel_q: jax.Array, kernel_scale: jax.Array
+                        ) -> jax.Array:
+    """x @ kernel exactly (in x's dtype); its input gradient through the kernel's e4m3 values and scale in FP8."""
+    return jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+
+
+def _exact_forward(x, kernel, kernel_q, kernel_scale):
+    return fp8_backward_matmul(x, kernel, kernel_q, kernel_scale), (kernel, kernel_q, kernel_scale)
+
+
+def _fp8_input_gradient(residuals, dy):
+    kernel, kernel_q, kernel_scale = residuals
+    dx = _backward((kernel_q, kernel_scale), dy)[0]
+    return dx, jnp.zeros_like(kernel), jnp.zeros_like(kernel_q), jnp.zeros_like(kernel_scale)
+
+
+fp8_backward_matmul.defvjp(_exact_forward, _fp8_input_gradient)
+
+
+def quantize_frozen_kernels(frozen: dict, forward: bool = True) -> dict:
+    """The frozen parameter tree with every block projection kernel (under ``layers``) quantised to e4m3, with a
+    ``kernel_scale`` beside it: one scale per kernel, per layer for a scanned stack [L, in, out]. ``forward``
+    (``fp8``): the e4m3 values replace ``kernel`` and ``layers.dense`` runs ``fp8_matmul``; otherwise
+    (``fp8_backward``) they sit beside it as ``kernel_grad_fp8`` and ``dense`` runs ``fp8_backward_matmul``.
+    Leaves elsewhere are returned as they are."""
     def walk(node: dict, in_layers: bool) -> dict:
         kernel = node.get("kernel")
         if in_layers and kernel is not None and getattr(kernel, "ndim", 0) >= 2:
             axes = (kernel.ndim - 2, kernel.ndim - 1)
             scale = pow2_scale(kernel, FORWARD_DTYPE, axes)
-            return {**node, "kernel": quantize(kernel, FORWARD_DTYPE, scale[..., None, None]),
-                    "kernel_scale": scale}
+            values = quantize(kernel, FORWARD_DTYPE, scale[..., None, None])
+            if forward:
+                return {**node, "kernel": values, "kernel_scale": scale}
+            return {**node, "kernel_grad_fp8": values, "kernel_scale": scale}
         return {key: walk(value, in_layers or key == LAYERS_KEY) if isinstance(value, dict) else value
                 for key, value in node.items()}
     return walk(frozen, False)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.fp8 import fp8_matmul
+from jax_controlllm.model.fp8 import fp8_backward_matmul, fp8_matmul
 from jax_controlllm.model.lora import lora_update
 from jax_controlllm.sharding import constrain
 
@@ -80,9 +80,12 @@ class Context:
 
 
 def dense(x: jax.Array, p: dict, dtype) -> jax.Array:
-    """x @ kernel (+ bias). A kernel with a ``kernel_scale`` beside it is a frozen weight quantised to FP8
-    (``model.frozen_matmul: fp8``, model/fp8.py): both of its GEMMs then run in FP8."""
-    if "kernel_scale" in p:
+    """x @ kernel (+ bias). A frozen weight quantised to FP8 (``model.frozen_matmul``, model/fp8.py) runs both of
+    its GEMMs in FP8 (``kernel`` is e4m3 with a ``kernel_scale``) or only its input gradient (``kernel_grad_fp8``
+    beside the kernel)."""
+    if "kernel_grad_fp8" in p:
+        y = fp8_backward_matmul(x.astype(dtype), p["kernel"], p["kernel_grad_fp8"], p["kernel_scale"])
+    elif "kernel_scale" in p:
         y = fp8_matmul(x.astype(dtype), p["kernel"], p["kernel_scale"])
     else:
         y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype))

@@ -107,9 +107,11 @@ def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
 
 
 def frozen_for_forward(config: ModelConfig, frozen: dict) -> dict:
-    """The frozen leaves as the forward reads them: with ``model.frozen_matmul: fp8`` the block kernels are
-    quantised to FP8 here, once per step (a read of the frozen weights; the same values every step)."""
-    return quantize_frozen_kernels(frozen) if config.frozen_matmul == "fp8" else frozen
+    """The frozen leaves as the forward reads them: with ``model.frozen_matmul: fp8 | fp8_backward`` the block
+    kernels are quantised to FP8 here, once per step (a read of the frozen weights; the same values every step)."""
+    if config.frozen_matmul == "compute":
+        return frozen
+    return quantize_frozen_kernels(frozen, forward=config.frozen_matmul == "fp8")
 
 
 def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison,
