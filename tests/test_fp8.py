@@ -9,9 +9,10 @@ import pytest
 from test_train_helpers import paths, tiny_run_config
 
 from jax_controlllm.config import ConfigError
-from jax_controlllm.model.fp8 import fp8_matmul, pow2_scale, quantize, quantize_frozen_kernels
+from jax_controlllm.model.fp8 import fp8_backward_matmul, fp8_matmul, pow2_scale, quantize, quantize_frozen_kernels
 from jax_controlllm.train import build_trainer
 from jax_controlllm.train.data import SyntheticTokens
+from jax_controlllm.train.step import frozen_for_forward, loss_and_grads
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
 
@@ -109,20 +110,30 @@ def _trainer(*overrides):
     return build_trainer(run, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",)))
 
 
+def _batch(trainer):
+    return jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
+                          trainer.shardings.batch)
+
+
+def _loss_and_flat_grads(trainer, batch) -> tuple[float, float, np.ndarray]:
+    """(ce, divergence, every gradient leaf raveled) of one step's loss at the trainer's initial state."""
+    metrics, grads = jax.jit(lambda t, f, b: loss_and_grads(trainer.model_config, t, f, b, 1, 1.0))(
+        trainer.state.trainable, trainer.frozen, batch)
+    flat = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree.leaves(grads)])
+    assert np.isfinite(flat).all()
+    return float(metrics["ce"]), float(metrics["divergence"]), flat
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def test_an_fp8_step_stays_close_to_the_bf16_step_and_trains():
     plain, fp8 = _trainer(), _trainer("model.frozen_matmul=fp8")
-    batch = jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
-                           plain.shardings.batch)
-    grad_of = {}
-    for name, trainer in (("bf16", plain), ("fp8", fp8)):
-        from jax_controlllm.train.step import loss_and_grads
-        metrics, grads = jax.jit(lambda t, f, b, c=trainer.model_config: loss_and_grads(c, t, f, b, 1, 1.0))(
-            trainer.state.trainable, trainer.frozen, batch)
-        grad_of[name] = (float(metrics["ce"]), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
-    (ce_b, g_b), (ce_f, g_f) = grad_of["bf16"], grad_of["fp8"]
+    batch = _batch(plain)
+    (ce_b, _, g_b), (ce_f, _, g_f) = _loss_and_flat_grads(plain, batch), _loss_and_flat_grads(fp8, batch)
     assert ce_f != ce_b and abs(ce_f - ce_b) < 0.02 * ce_b
-    cosine = g_b @ g_f / (np.linalg.norm(g_b) * np.linalg.norm(g_f))
-    assert 0.98 < cosine < 1.0
+    assert 0.98 < _cosine(g_b, g_f) < 1.0
     state, losses = fp8.state, []
     for _ in range(8):
         state, metrics = fp8.step_fn(state, fp8.frozen, batch)
@@ -143,23 +154,14 @@ def test_a_bad_frozen_matmul_is_one_line_naming_the_key():
                                   ("train.mode=partial", "expansion=null", "train.trainable_layers=[3]")],
                          ids=["lora", "partial"])
 def test_fp8_reaches_the_frozen_kernels_of_lora_and_partial_tuning(mode):
-    from jax_controlllm.train.step import frozen_for_forward, loss_and_grads
     plain, fp8 = _trainer(*mode), _trainer(*mode, "model.frozen_matmul=fp8")
-    quantised = frozen_for_forward(fp8.model_config, fp8.frozen)
-    assert any(p[-1] == "kernel_scale" for p in paths(quantised))
-    batch = jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
-                           plain.shardings.batch)
-    ce = {}
-    for name, trainer in (("bf16", plain), ("fp8", fp8)):
-        metrics, grads = jax.jit(lambda t, f, b, c=trainer.model_config: loss_and_grads(c, t, f, b, 1, 1.0))(
-            trainer.state.trainable, trainer.frozen, batch)
-        assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
-        ce[name] = float(metrics["ce"])
-    assert ce["fp8"] != ce["bf16"] and abs(ce["fp8"] - ce["bf16"]) < 0.02 * ce["bf16"]
+    assert any(p[-1] == "kernel_scale" for p in paths(frozen_for_forward(fp8.model_config, fp8.frozen)))
+    batch = _batch(plain)
+    ce_b, ce_f = _loss_and_flat_grads(plain, batch)[0], _loss_and_flat_grads(fp8, batch)[0]
+    assert ce_f != ce_b and abs(ce_f - ce_b) < 0.02 * ce_b
 
 
 def test_fp8_backward_keeps_the_forward_exact_and_quantises_the_input_gradient():
-    from jax_controlllm.model.fp8 import fp8_backward_matmul
     x, w, w_q, s_w, dy = _operands(2)
     y, vjp = jax.vjp(lambda x: fp8_backward_matmul(x, w, w_q, s_w), x)
     np.testing.assert_array_equal(y, jnp.einsum("...i,io->...o", x, w))
@@ -169,19 +171,10 @@ def test_fp8_backward_keeps_the_forward_exact_and_quantises_the_input_gradient()
 
 
 def test_an_fp8_backward_step_has_the_exact_loss_and_close_gradients():
-    from jax_controlllm.train.step import frozen_for_forward, loss_and_grads
     plain, fp8 = _trainer(), _trainer("model.frozen_matmul=fp8_backward")
-    quantised = frozen_for_forward(fp8.model_config, fp8.frozen)
-    assert {p[-1] for p in paths(quantised)} >= {"kernel", "kernel_grad_fp8", "kernel_scale"}
-    batch = jax.device_put(next(SyntheticTokens(256, 8, 32, 0, min_doc_len=4, max_doc_len=24)),
-                           plain.shardings.batch)
-    out = {}
-    for name, trainer in (("bf16", plain), ("fp8", fp8)):
-        metrics, grads = jax.jit(lambda t, f, b, c=trainer.model_config: loss_and_grads(c, t, f, b, 1, 1.0))(
-            trainer.state.trainable, trainer.frozen, batch)
-        out[name] = (float(metrics["ce"]), float(metrics["divergence"]),
-                     np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
-    assert out["fp8"][:2] == out["bf16"][:2]                       # the same function
-    g_b, g_f = out["bf16"][2], out["fp8"][2]
-    assert not np.array_equal(g_b, g_f)
-    assert 0.98 < g_b @ g_f / (np.linalg.norm(g_b) * np.linalg.norm(g_f)) < 1.0
+    assert {p[-1] for p in paths(frozen_for_forward(fp8.model_config, fp8.frozen))} >= \
+        {"kernel", "kernel_grad_fp8", "kernel_scale"}
+    batch = _batch(plain)
+    (ce_b, div_b, g_b), (ce_f, div_f, g_f) = _loss_and_flat_grads(plain, batch), _loss_and_flat_grads(fp8, batch)
+    assert (ce_f, div_f) == (ce_b, div_b)                           # the same function
+    assert not np.array_equal(g_b, g_f) and 0.98 < _cosine(g_b, g_f) < 1.0
