@@ -57,6 +57,8 @@ ITEMS = [
     # Levers (bench/README.md, "Next GPU session"): each a row of its own; add new ones here.
     {"name": "ours-fp8", "role": "ours", "precision": "fp8", "script": "train_step.py",
      "args": OURS_BEST + ["--frozen-matmul", "fp8"], "estimate_s": 60},
+    {"name": "ours-fp8-backward", "role": "ours", "precision": "fp8", "script": "train_step.py",
+     "args": OURS_BEST + ["--frozen-matmul", "fp8_backward"], "estimate_s": 90},
     {"name": "ours-mb2-none", "role": "ours", "precision": "bf16", "script": "train_step.py",
      "args": ["--batch", "2", "--remat", "none", "--attention", "cudnn", "--loss-chunk", "1024"], "estimate_s": 60},
     {"name": "eapig-fp32", "role": "ours", "precision": "fp32", "script": "eapig.py",
@@ -73,8 +75,6 @@ ITEMS = [
      "args": ["--dtype", "float32", "--precision", "default", "--batch", "64"],
      "real": ["--prompts", "512", "--repeats", "2"], "dry": ["--smoke", "--batch", "8"], "estimate_s": 80,
      "out": "eapig_h200_float32_tf32.json", "peer": "tf32"},
-    {"name": "ours-fp8-backward", "role": "ours", "precision": "fp8", "script": "train_step.py",
-     "args": OURS_BEST + ["--frozen-matmul", "fp8_backward"], "estimate_s": 90},
     {"name": "ours-fp8-mb4", "role": "ours", "precision": "fp8", "script": "train_step.py",
      "args": ["--batch", "4", "--remat", "selective", "--attention", "cudnn", "--loss-chunk", "1024",
               "--frozen-matmul", "fp8"], "estimate_s": 70},
