@@ -178,3 +178,17 @@ def test_an_fp8_backward_step_has_the_exact_loss_and_close_gradients():
     (ce_b, div_b, g_b), (ce_f, div_f, g_f) = _loss_and_flat_grads(plain, batch), _loss_and_flat_grads(fp8, batch)
     assert (ce_f, div_f) == (ce_b, div_b)                           # the same function
     assert not np.array_equal(g_b, g_f) and 0.98 < _cosine(g_b, g_f) < 1.0
+
+
+def test_fp8_trains_the_same_on_a_sharded_mesh_as_on_one_device(tmp_path):
+    """fsdp x tensor (2x2): the per-tensor scales are reductions over sharded kernels and activations, the FP8
+    dots are partitioned by XLA; the losses match one device up to float rounding."""
+    from test_train_helpers import TINY, check, run_cli, train_losses
+    common = ["--config", str(TINY), "--set", "model.frozen_matmul=fp8", "--set", "train.steps=4",
+              "--set", "train.save_every=0", "--set", "train.eval_every=0"]
+    cache = tmp_path / "cache"
+    check(run_cli([*common, "--cpu-devices", "4", "--mesh", "2x2", "--out", str(tmp_path / "mesh")], cache))
+    check(run_cli([*common, "--mesh", "1", "--out", str(tmp_path / "one")], cache))
+    mesh, one = train_losses(tmp_path / "mesh"), train_losses(tmp_path / "one")
+    assert sorted(mesh) == list(range(1, 5))
+    np.testing.assert_allclose([one[s] for s in range(1, 5)], [mesh[s] for s in range(1, 5)], rtol=1e-4)
