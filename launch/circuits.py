@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from jax_controlllm.circuits.evolution import DEFAULT_CURVE, DEFAULT_TOP_N
@@ -101,8 +102,6 @@ def study_inputs(args) -> dict:
 
 def earlier_analyses(out: Path, settings, inputs: dict) -> list:
     """The analyses of OUT/evolution.json, if it was made with these settings and inputs (else a ConfigError)."""
-    from dataclasses import asdict
-
     from jax_controlllm.circuits.evolution import CheckpointAnalysis
     path = out / "evolution.json"
     if not path.is_file():

@@ -99,13 +99,10 @@ def _main(args: argparse.Namespace) -> int:
         initialize_distributed,
         open_checkpoints,
         resume_report,
+        say,
         train_loop,
     )
     from jax_controlllm.train.errors import USER_ERRORS
-
-    def say(line: str) -> None:
-        if jax.process_index() == 0:
-            sys.stderr.write(line + "\n")                  # one write: background threads print to stderr too
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)

@@ -22,6 +22,7 @@ from jax_controlllm.train.loop import (
                                        EXIT_OK,
                                        EXIT_PREEMPTED,
                                        LoopResult,
+                                       say,
                                        train_loop,
 )
 from jax_controlllm.train.rundir import create_run_dir, hold_run_dir, open_checkpoints, resume_report
@@ -29,7 +30,7 @@ from jax_controlllm.train.setup import Trainer, build_trainer, plan_step, traine
 from jax_controlllm.train.state import TrainState, combine, make_optimizer, partition
 from jax_controlllm.train.step import BATCH_KEYS, TrainShardings
 
-__all__ = ["build_trainer", "Trainer", "plan_step", "trained_model_config", "train_loop", "LoopResult",
+__all__ = ["build_trainer", "Trainer", "plan_step", "trained_model_config", "train_loop", "LoopResult", "say",
            "create_run_dir", "open_checkpoints", "hold_run_dir", "resume_report", "aot_memory_report",
            "MemoryReport", "initialize_distributed",
            "SyntheticTokens", "make_iterator", "check_data_config", "TrainState", "TrainShardings", "partition",

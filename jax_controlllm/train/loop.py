@@ -93,23 +93,26 @@ def _to_host(metrics: dict) -> dict:
     return out
 
 
+def say(line: str) -> None:
+    """One line to stderr from process 0 only, in one write, newline included: Orbax's and asyncio's background
+    threads print to stderr too, and print()'s separate newline write lets their text land inside our line."""
+    if jax.process_index() == 0:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 class _Log:
-    """Console output from process 0 only."""
+    """Console output from process 0 only (through the progress bar while there is one)."""
 
     def __init__(self, bar):
         self.bar = bar
         self.main = jax.process_index() == 0
 
     def __call__(self, message: str) -> None:
-        if not self.main:
-            return
-        # One write, newline included: Orbax's and asyncio's background threads print to stderr too, and
-        # print()'s separate newline write lets their text land inside our line.
-        if self.bar is not None:
-            self.bar.write(message + "\n", file=sys.stderr, end="")
-        else:
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
+        if self.bar is None:
+            say(message)
+        elif self.main:
+            self.bar.write(message + "\n", file=sys.stderr, end="")   # one write, as in say()
 
 
 def train_loop(trainer: Trainer, run_dir: str | Path, checkpoints, progress: bool = True) -> LoopResult:
