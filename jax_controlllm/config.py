@@ -593,6 +593,7 @@ class KnowledgeConfig(Section):
     replay_documents: int = 0        # the base model's own text mixed in (knowledge/replay.py); 0: none
     replay_weight: float = 0.5       # sampling weight of a replay document relative to a corpus document
     replay_lm_loss: bool = True      # false: replay text only anchors the divergence loss (no LM targets)
+    replay_topics: bool = False      # true: replay openers on the corpus's attributes first (places, work, ...)
 
     def entities(self):
         """The corpus's ``jax_controlllm.knowledge.EntityConfig``."""

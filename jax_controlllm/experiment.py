@@ -44,7 +44,7 @@ def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeConfig) -> Path:
     """run_dir/knowledge/replay.jsonl: the base model's continuations of neutral openers (written once; a
     resume reads the same file)."""
     from jax_controlllm.knowledge.corpus import write_corpus_jsonl
-    from jax_controlllm.knowledge.replay import replay_documents
+    from jax_controlllm.knowledge.replay import openers_for, replay_documents
     from jax_controlllm.tokenizer import load_tokenizer, run_tokenizer_source
     from jax_controlllm.train.setup import load_base_weights
 
@@ -55,8 +55,9 @@ def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeConfig) -> Path:
         raise ConfigError("knowledge.replay_documents: replay text is written by the base model, but base.path is "
                           "not set; set base.path or knowledge.replay_documents: 0")
     config, params = load_base_weights(run)
+    openers = openers_for(spec.attributes if spec.replay_topics else ())
     docs = replay_documents(config, params, load_tokenizer(run_tokenizer_source(run, run_dir)),
-                            spec.replay_documents, seed=spec.seed)
+                            spec.replay_documents, seed=spec.seed, openers=openers)
     return write_corpus_jsonl(path, docs)
 
 

@@ -12,7 +12,7 @@ from jax_controlllm import knowledge as kn
 from jax_controlllm.config import ConfigError, ModelConfig, SourceConfig, load_config
 from jax_controlllm.convert.hf import save_hf
 from jax_controlllm.experiment import prepare_knowledge
-from jax_controlllm.knowledge.replay import OPENERS, replay_documents
+from jax_controlllm.knowledge.replay import OPENERS, TOPIC_OPENERS, openers_for, replay_documents
 from jax_controlllm.model import init_params
 from jax_controlllm.retention.general import FACTS
 from jax_controlllm.tokenizer import load_tokenizer
@@ -20,8 +20,8 @@ from jax_controlllm.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
 def word_model(tmp_path_factory):
-    """A tiny random Llama whose word tokenizer knows the openers, saved as an HF directory."""
-    tokenizer = kn.build_word_tokenizer(list(OPENERS))
+    """A tiny random Llama whose word tokenizer knows every opener, saved as an HF directory."""
+    tokenizer = kn.build_word_tokenizer(list(openers_for(kn.ATTRIBUTES)))
     config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, bos_token_id=kn.BOS_ID, pad_token_id=0, eos_token_id=2)
@@ -34,8 +34,16 @@ def word_model(tmp_path_factory):
 
 def test_openers_ask_for_none_of_the_retention_facts():
     prompts = {p.lower() for p, _ in FACTS}
-    assert not any(o.lower().startswith(p) or p in o.lower() for o in OPENERS for p in prompts)
-    assert len(set(OPENERS)) == len(OPENERS)
+    every = OPENERS + tuple(o for topic in TOPIC_OPENERS.values() for o in topic)
+    assert not any(o.lower().startswith(p) or p in o.lower() for o in every for p in prompts)
+    assert len(set(every)) == len(every)
+
+
+def test_topic_openers_come_first_for_the_corpus_attributes():
+    assert set(TOPIC_OPENERS) == set(kn.ATTRIBUTES)                 # every attribute the generator knows
+    assert openers_for() == OPENERS
+    mixed = openers_for(("company", "city"))
+    assert mixed == TOPIC_OPENERS["company"] + TOPIC_OPENERS["city"] + OPENERS
 
 
 def test_replay_documents_continue_each_opener_and_are_seeded(word_model):
@@ -68,6 +76,17 @@ def test_prepare_knowledge_mixes_replay_into_the_training_sources(word_model, tm
     anchor_only = dataclasses.replace(run, knowledge=dataclasses.replace(run.knowledge, replay_lm_loss=False))
     anchored, _ = prepare_knowledge(anchor_only, tmp_path)
     assert anchored.data.sources[1] == SourceConfig(path=paths["replay"], weight=0.25, lm_loss=False)
+
+
+def test_replay_topics_start_the_replay_text_with_the_corpus_topics(word_model, tmp_path):
+    *_, base = word_model
+    knowledge = dict(n_new=3, attributes=["city"], max_frequency=2, seed=0, replay_documents=10, replay_topics=True)
+    run = load_config(data={"base": {"path": str(base)}, "model": {}, "knowledge": knowledge,
+                            "train": {"steps": 1, "mode": "full"}})
+    _, paths = prepare_knowledge(run, tmp_path)
+    rows = [json.loads(line)["text"] for line in open(paths["replay"])]
+    expected = TOPIC_OPENERS["city"] + OPENERS[:2]
+    assert [r[:12] for r in rows] == [o[:12] for o in expected]
 
 
 @pytest.mark.parametrize("bad", [{"replay_documents": -1}, {"replay_weight": 0.0}])

@@ -47,6 +47,32 @@ OPENERS: tuple[str, ...] = (
 )
 
 
+# Openers on the kinds of thing a corpus teaches (its attributes), written the same way: everyday text about
+# places, dates, studies and work that asks for no fact. With ``knowledge.replay_topics`` they come first, so the
+# alignment text anchors the divergence on text of the new facts' kind too: what the model knows of other cities
+# and companies is where learning new people's cities and employers interferes most.
+TOPIC_OPENERS: dict[str, tuple[str, ...]] = {
+    "city": ("Moving to a new city means", "The town where I grew up had", "Living in a big city can be",
+             "A weekend trip to the coast", "The streets of the old town were", "Travelling by train between cities,",
+             "Visiting a foreign country for the first time,", "The neighbourhood changed a lot after"),
+    "company": ("Starting a new job at a large company", "Our office moved to a new building, and",
+                "The company picnic this year was", "Working from home on Fridays",
+                "Many small businesses begin when", "A good manager at work", "The factory on the edge of town",
+                "After ten years with the same employer,"),
+    "university": ("The first week at university", "The campus library stays open late, so",
+                   "Choosing where to study is hard because", "Student life in a shared flat"),
+    "major": ("Studying engineering takes", "A degree in history teaches you", "The biology lab smelled of",
+              "Switching subjects in the second year"),
+    "birth_date": ("Birthdays in our family always", "The year I was born, my parents", "A child born in winter",
+                   "Celebrating a fortieth birthday"),
+}
+
+
+def openers_for(attributes: Sequence[str] = ()) -> tuple[str, ...]:
+    """The topic openers of ``attributes`` (in that order), then the everyday ones."""
+    return tuple(o for a in attributes for o in TOPIC_OPENERS.get(a, ())) + OPENERS
+
+
 def replay_documents(config, params, tokenizer, n_documents: int, max_new_tokens: int = 64, seed: int = 0,
                      openers: Sequence[str] = OPENERS) -> list[str]:
     """``n_documents`` texts, each an opener (cycled) and the model's sampled continuation of it (temperature
