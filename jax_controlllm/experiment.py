@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from jax_controlllm.config import ConfigError, KnowledgeConfig, ReportConfig, RunConfig, SourceConfig
+from jax_controlllm.files import write_text_atomic
 
 
 def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> tuple[RunConfig, Optional[dict]]:
@@ -28,6 +29,7 @@ def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> tuple[RunConfig, O
         return run, None
     from jax_controlllm.knowledge import CorpusConfig, build_knowledge_dataset
 
+    record = check_knowledge_record(Path(run_dir) / "knowledge", spec)
     paths = build_knowledge_dataset(Path(run_dir) / "knowledge",
                                     CorpusConfig(spec.entities(), spec.held_out_phrasing, spec.seed))
     sources = [SourceConfig(path=str(paths["corpus"]))]
@@ -37,7 +39,36 @@ def prepare_knowledge(run: RunConfig, run_dir: str | Path) -> tuple[RunConfig, O
                                     lm_loss=spec.replay_lm_loss))
     if not run.data.sources and not run.data.synthetic:
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, sources=tuple(sources)))
+    if not record.is_file():
+        write_text_atomic(record, json.dumps(written_from(spec), indent=1))
     return run, {k: str(v) for k, v in paths.items()}
+
+
+# The knowledge keys that decide what is written under RUN/knowledge (replay_weight and replay_lm_loss only
+# weight the sources the run reads, so a resume may change them with --allow-change).
+WRITTEN_FROM = ("n_new", "n_revised", "attributes", "max_frequency", "frequency_exponent", "held_out_phrasing",
+                "seed", "replay_documents", "replay_topics")
+
+
+def written_from(spec: KnowledgeConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k in WRITTEN_FROM for v in [getattr(spec, k)]}
+
+
+def check_knowledge_record(knowledge_dir: Path, spec: KnowledgeConfig) -> Path:
+    """RUN/knowledge/spec.json records the knowledge keys its files were written from. A run directory whose
+    corpus was written from other values is refused in one line, before anything there is rewritten: its
+    checkpoints were trained on that corpus. Returns the record's path (written once the files are)."""
+    path = knowledge_dir / "spec.json"
+    if not path.is_file():
+        return path
+    recorded, wanted = json.loads(path.read_text()), written_from(spec)
+    changed = [k for k in WRITTEN_FROM if recorded.get(k) != wanted[k]]
+    if changed:
+        what = ", ".join(f"knowledge.{k} ({recorded.get(k)} -> {wanted[k]})" for k in changed)
+        raise ConfigError(f"{knowledge_dir.parent}: its knowledge corpus was written with another {what} ({path}) "
+                          f"and its checkpoints were trained on it; for a new corpus start a new run with another "
+                          f"--out (base.path may name this run)")
+    return path
 
 
 def write_replay(run: RunConfig, run_dir: Path, spec: KnowledgeConfig) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from jax_controlllm.circuits.evolution import DEFAULT_CURVE, DEFAULT_TOP_N
 from jax_controlllm.config import ConfigError
+from jax_controlllm.files import write_text_atomic
 
 
 def circuit_size(text: str):
@@ -118,9 +119,7 @@ def earlier_analyses(out: Path, settings, inputs: dict) -> list:
 
 def write_json(path: Path, record: dict) -> None:
     """Whole or not at all: a study stopped mid-write keeps its previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def evolve_command(argv) -> int:

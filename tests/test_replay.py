@@ -99,3 +99,25 @@ def test_replay_needs_a_base_model(tmp_path):
     run = load_config(data={"knowledge": {"n_new": 2, "replay_documents": 2}})
     with pytest.raises(ConfigError, match="knowledge.replay_documents: replay text is written by the base model"):
         prepare_knowledge(run, tmp_path)
+
+
+def test_a_run_directory_keeps_the_corpus_it_was_trained_on(word_model, tmp_path):
+    """RUN/knowledge/spec.json records what the files were written from; a resume asking for another corpus or
+    other replay text is refused in one line before anything is rewritten. Source weights may change."""
+    *_, base = word_model
+    knowledge = dict(n_new=3, attributes=["city"], max_frequency=2, seed=0, replay_documents=4)
+    run = load_config(data={"base": {"path": str(base)}, "model": {}, "knowledge": knowledge,
+                            "train": {"steps": 1, "mode": "full"}})
+    _, paths = prepare_knowledge(run, tmp_path)
+    files = {name: open(path).read() for name, path in paths.items()}
+    assert json.loads((tmp_path / "knowledge" / "spec.json").read_text())["seed"] == 0
+    reweighted = dataclasses.replace(run.knowledge, replay_weight=2.0, replay_lm_loss=False)
+    prepare_knowledge(dataclasses.replace(run, knowledge=reweighted), tmp_path)        # weights only: fine
+    for change, key in (({"seed": 1}, "knowledge.seed"), ({"replay_topics": True}, "knowledge.replay_topics"),
+                        ({"attributes": ("city", "company")}, "knowledge.attributes")):
+        other = dataclasses.replace(run, knowledge=dataclasses.replace(run.knowledge, **change))
+        with pytest.raises(ConfigError) as err:
+            prepare_knowledge(other, tmp_path)
+        message = str(err.value)
+        assert key in message and "another --out" in message and "\n" not in message
+        assert {name: open(path).read() for name, path in paths.items()} == files      # nothing rewritten

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from jax_controlllm.files import write_text_atomic
 from jax_controlllm.knowledge.entities import Entity, EntityConfig, generate_entities
 from jax_controlllm.knowledge.templates import OPENINGS, QUERIES, paraphrases
 
@@ -66,14 +67,8 @@ def queries(entities: Iterable[Entity], attributes: Optional[Iterable[str]] = No
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)                                   # never leave a half-written file behind
-    return path
+    """One JSON object per line, written whole or not at all."""
+    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path) -> list[dict]:
