@@ -814,7 +814,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
-        node[parts[-1]] = _parse_scalar(text)
+        # checked like a config file's data: a value such as '&a [*a]' refers to itself
+        node[parts[-1]] = plain_copy({"value": _parse_scalar(text)}, f"override {item!r}")["value"]
     return data
 
 

@@ -139,3 +139,10 @@ def test_hostile_yaml_is_refused_quickly_with_a_named_reason(tmp_path, text, mes
     with pytest.raises(ConfigError, match=message):
         load_config(path)
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("override", ["expansion.layers=&a [*a]", "train=&a {x: *a}", "model.rope_scaling=&a [*a, *a]"])
+def test_an_override_that_refers_to_itself_is_one_config_error(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert "override" in str(err.value) and "\n" not in str(err.value)
