@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from jax_controlllm.config import ConfigError, KnowledgeConfig, ReportConfig, RunConfig, SourceConfig
+from jax_controlllm.config import ConfigError, KnowledgeConfig, ReportConfig, RunConfig, SourceConfig, plain
 from jax_controlllm.files import write_text_atomic
 
 
@@ -51,7 +51,7 @@ WRITTEN_FROM = ("n_new", "n_revised", "attributes", "max_frequency", "frequency_
 
 
 def written_from(spec: KnowledgeConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k in WRITTEN_FROM for v in [getattr(spec, k)]}
+    return {k: plain(getattr(spec, k)) for k in WRITTEN_FROM}
 
 
 def check_knowledge_record(knowledge_dir: Path, spec: KnowledgeConfig) -> Path:

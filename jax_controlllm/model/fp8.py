@@ -45,10 +45,6 @@ def quantize(x: jax.Array, dtype, scale: jax.Array) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) / scale, -top, top).astype(dtype)
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    return q.astype(dtype) * scale.astype(dtype)
-
-
 def _fp8_dot(a_q, a_scale, b_q, b_scale, contract_b: int, dtype) -> jax.Array:
     """(a_scale a_q) @ b_q contracted over a's last axis and b's axis ``contract_b``, as one GEMM of FP8
     operands with ``dtype`` output, scaled after: the form XLA lowers to cuBLASLt's FP8 matmul on Hopper
