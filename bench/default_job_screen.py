@@ -27,7 +27,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import yaml
-
 from default_job import ROOT, summarise  # bench/default_job.py, beside this script
 
 

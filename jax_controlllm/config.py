@@ -327,6 +327,9 @@ class TrainConfig(Section):
     # the λ schedule: the divergence term's weight is multiplied by 1 at the first step, by this at the last,
     # linearly in between (1: constant λ; 0: the pull towards the frozen layers fades out)
     divergence_scale_end: float = 1.0
+    # weight of KL(base || model) of the next-token distributions on tokens without language-modelling targets
+    # (the alignment text; Control LLM only: the base is the frozen pretrained branches); 0: off
+    distill_weight: float = 0.0
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0                            # 0: no periodic eval
@@ -351,6 +354,8 @@ class TrainConfig(Section):
         _check_int_list(self.trainable_layers, "train.trainable_layers")
         _check(math.isfinite(self.divergence_scale_end) and self.divergence_scale_end >= 0,
                "train.divergence_scale_end", f"must be a finite number >= 0, got {self.divergence_scale_end}")
+        _check(math.isfinite(self.distill_weight) and self.distill_weight >= 0,
+               "train.distill_weight", f"must be a finite number >= 0, got {self.distill_weight}")
 
 
 # Integer train settings and their smallest valid value (0 where 0 means "off" or "none").
@@ -646,6 +651,16 @@ class RunConfig(Section):
     report: Optional[ReportConfig] = None          # before/after acquisition + retention report ({} = defaults)
     out_dir: Optional[str] = None
 
+    def _check_distillation(self) -> None:
+        """train.distill_weight reads the base as the frozen pretrained branches of concat Control LLM layers."""
+        exp = self.expansion or ExpansionConfig()
+        where = "train.distill_weight"
+        _check(self.train.mode == "controlllm", where, f"distils from Control LLM's frozen pretrained branches; "
+               f"train.mode {self.train.mode} has none (set train.mode: controlllm or {where}: 0)")
+        _check(exp.expand_type == "concat", where, f"needs expansion.expand_type: concat (with {exp.expand_type} "
+               "the inserted layers have no frozen branch to read the base from)")
+        _check(exp.freeze_ori_layers, where, "needs expansion.freeze_ori_layers: true (the base must stay frozen)")
+
     def validate(self) -> None:
         self.model.validate()
         if self.expansion is not None:
@@ -657,6 +672,8 @@ class RunConfig(Section):
             _check(self.train.mode == "lora", "lora",
                    f"a lora section needs train.mode: lora (it is {self.train.mode}); set it or remove the section")
             self.lora.validate()
+        if self.train.distill_weight > 0:
+            self._check_distillation()
         _check(self.train.batch_size % self.train.grad_accum == 0, "train.grad_accum",
                f"batch_size {self.train.batch_size} is not divisible by grad_accum {self.train.grad_accum}")
         self.data.check("data")

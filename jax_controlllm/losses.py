@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.stack import final_hidden, head_kernel
+from jax_controlllm.model.stack import final_hidden, head_kernel, logits_from_hidden
 
 IGNORE = -100
 
@@ -115,16 +115,39 @@ def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, s
     return total, jnp.sum(valid)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def controlllm_loss(config: ModelConfig, params: dict, batch: dict, lora_rng=None) -> dict:
+def untargeted_positions(labels, token_mask, segment_ids=None) -> jax.Array:
+    """[B, S-1] float32: positions t whose next token is real text of the same document without a language-
+    modelling target (alignment text, prompts): where the distillation term compares next-token distributions."""
+    real = (token_mask[:, :-1] > 0) & (token_mask[:, 1:] > 0)
+    if segment_ids is not None:
+        real = real & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    return (real & (labels[:, 1:] == IGNORE)).astype(jnp.float32)
+
+
+def distillation_sum(config: ModelConfig, params: dict, h: jax.Array, batch: dict, where: jax.Array):
+    """(sum over positions ``where`` of KL(base || model) of the next-token distributions, number of positions).
+    The base is the frozen pretrained model inside the expanded one (every controlled layer's pretrained branch
+    alone), run here without gradient; ``h``: the trained model's final hidden state of the same batch."""
+    base_h = final_hidden(config, params, batch["input_ids"], batch.get("attention_mask"), batch.get("positions"),
+                          batch.get("segment_ids"), pretrained_only=True)
+    base = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(config, params, base_h[:, :-1])), axis=-1)
+    model = jax.nn.log_softmax(logits_from_hidden(config, params, h[:, :-1]), axis=-1)
+    kl = jnp.sum(jnp.exp(base) * (base - model), axis=-1)
+    return jnp.sum(kl * where), jnp.sum(where)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("distill",))
+def controlllm_loss(config: ModelConfig, params: dict, batch: dict, lora_rng=None, distill: bool = False) -> dict:
     """CE + divergence for a batch dict with input_ids and optionally labels (default: input_ids),
     attention_mask, segment_ids, positions. Returns ce, divergence, divergence_per_layer (by block index),
-    merge_weight_per_layer, total, and tokens (number of scored tokens). ``lora_rng``: LoRA dropout key."""
+    merge_weight_per_layer, total, and tokens (number of scored tokens). ``lora_rng``: LoRA dropout key.
+    ``distill``: also ``distill``, the mean KL(base || model) over the untargeted positions (``train.
+    distill_weight``; not in ``total``), and ``distill_tokens``, their number."""
     input_ids = jnp.asarray(batch["input_ids"])
     labels = jnp.asarray(batch.get("labels", input_ids))
     segment_ids = batch.get("segment_ids")
-    h, aux, _ = final_hidden(config, params, input_ids, batch.get("attention_mask"), batch.get("positions"),
-                             segment_ids, return_aux=True, lora_rng=lora_rng)
+    h, aux, ctx = final_hidden(config, params, input_ids, batch.get("attention_mask"), batch.get("positions"),
+                               segment_ids, return_aux=True, lora_rng=lora_rng)
     nll, tokens = cross_entropy_sum(config, params, h, labels, segment_ids)
     ce = nll / jnp.maximum(tokens, 1.0)
     if aux:
@@ -134,5 +157,10 @@ def controlllm_loss(config: ModelConfig, params: dict, batch: dict, lora_rng=Non
     else:
         per_layer = merge_weights = jnp.zeros((0,), jnp.float32)
         div = jnp.float32(0)
-    return {"ce": ce, "divergence": div, "divergence_per_layer": per_layer,
-            "merge_weight_per_layer": merge_weights, "total": ce + div, "tokens": tokens}
+    out = {"ce": ce, "divergence": div, "divergence_per_layer": per_layer,
+           "merge_weight_per_layer": merge_weights, "total": ce + div, "tokens": tokens}
+    if distill:
+        kl_sum, count = distillation_sum(config, params, h, batch,
+                                         untargeted_positions(labels, ctx.token_mask, segment_ids))
+        out |= {"distill": kl_sum / jnp.maximum(count, 1.0), "distill_tokens": count}
+    return out

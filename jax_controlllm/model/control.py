@@ -157,6 +157,10 @@ def controlled_layer(params: dict, h: jax.Array, ctx: Context, cache: Optional[d
     """Returns (merged output, cache of both branches, aux with this layer's divergence and mean gate)."""
     relax = expanded_norm_relax(ctx.config.expansion)
     p, cache_p = decoder_layer(params["pretrained_layer"], h, ctx, None if cache is None else cache["pretrained_layer"])
+    if ctx.pretrained_only:  # the base model's layer, exactly: no expanded branch, no merge, no divergence
+        zero = jnp.zeros((), jnp.float32)
+        kept = None if cache is None else {"pretrained_layer": cache_p, "expanded_layer": cache["expanded_layer"]}
+        return p, kept, {"divergence": zero, "merge_weight": zero}
     e, cache_e = decoder_layer(params["expanded_layer"], h, ctx, None if cache is None else cache["expanded_layer"],
                                relax=relax)
     out, aux = merge_branches(params, ctx.config.expansion, h, p, e, ctx.token_mask)

@@ -77,6 +77,7 @@ class Context:
     segment_ids: Optional[jax.Array] = None
     cache_index: Optional[jax.Array] = None   # decoding: slot where this chunk's keys are written
     lora_rng: Optional[jax.Array] = None      # training steps: LoRA dropout key (per block inside the stack)
+    pretrained_only: bool = False             # the base model's forward: controlled layers run their frozen branch
 
 
 def dense(x: jax.Array, p: dict, dtype) -> jax.Array:

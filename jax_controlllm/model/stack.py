@@ -139,16 +139,18 @@ def head_kernel(config: ModelConfig, params: dict) -> jax.Array:
 
 
 def final_hidden(config: ModelConfig, params: dict, input_ids, attention_mask=None, positions=None,
-                 segment_ids=None, return_aux: bool = False, lora_rng=None):
+                 segment_ids=None, return_aux: bool = False, lora_rng=None, pretrained_only: bool = False):
     """Normed last hidden state [B, S, H] (compute dtype), plus Control LLM aux terms when asked.
-    ``lora_rng``: the training step's key for LoRA dropout (None: no dropout)."""
+    ``lora_rng``: the training step's key for LoRA dropout (None: no dropout). ``pretrained_only``: the base
+    model's forward through an expanded model (each controlled layer runs only its frozen pretrained branch)."""
     input_ids = jnp.asarray(input_ids)
     b, s = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     cos, sin = rope_tables(config, jnp.asarray(positions))
     ctx = Context(config, cos, sin, attention_mask_for(input_ids, attention_mask, segment_ids),
-                  token_mask_for(input_ids, attention_mask, segment_ids), segment_ids, lora_rng=lora_rng)
+                  token_mask_for(input_ids, attention_mask, segment_ids), segment_ids, lora_rng=lora_rng,
+                  pretrained_only=pretrained_only)
     h = embed(config, params, input_ids)
     h, _, aux = apply_blocks(config, params["layers"], h, ctx)
     h = rms_norm(h, params["norm"], config.rms_norm_eps)

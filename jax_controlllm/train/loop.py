@@ -261,6 +261,8 @@ class _Loop:
 
 def _postfix(record: dict) -> dict:
     out = {"loss": f"{record['loss']:.4f}", "ce": f"{record['ce']:.4f}", "div": f"{record['divergence']:.2e}"}
+    if "distill" in record:
+        out["kl"] = f"{record['distill']:.2e}"
     weights = record.get("merge_weight_per_layer") or []
     if weights:
         out["w"] = f"{float(np.mean(weights)):.3f}"

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import optax
 
 from jax_controlllm.config import ModelConfig, TrainConfig
-from jax_controlllm.losses import controlllm_loss, next_token_targets
+from jax_controlllm.losses import controlllm_loss, next_token_targets, untargeted_positions
 from jax_controlllm.model.fp8 import quantize_frozen_kernels
 from jax_controlllm.model.layout import controlled_indices
 from jax_controlllm.model.params import param_shardings
+from jax_controlllm.model.stack import token_mask_for
 from jax_controlllm.sharding import activation_sharding, batch_sharding, replicated
 from jax_controlllm.train.state import TrainState, combine, partition
 
@@ -90,20 +91,37 @@ def scored_tokens(batch: dict) -> jax.Array:
     return jnp.sum(valid)
 
 
-def _micro_loss(config: ModelConfig, total_tokens, accum: int, poison, divergence_scale):
+def untargeted_tokens(batch: dict) -> jax.Array:
+    """How many positions of the whole batch the distillation term averages over (like ``scored_tokens``, so
+    that gradient accumulation does not change it)."""
+    labels = batch.get("labels", batch["input_ids"])
+    token_mask = token_mask_for(batch["input_ids"], batch.get("attention_mask"), batch.get("segment_ids"))
+    return jnp.sum(untargeted_positions(labels, token_mask, batch.get("segment_ids")))
+
+
+def _micro_loss(config: ModelConfig, totals: tuple, accum: int, poison, divergence_scale, distill_weight: float):
     """The micro-batch's share of the step loss, as a function of the trainable leaves."""
     def loss(trainable, frozen, micro, lora_rng):
-        out = controlllm_loss(config, combine(trainable, frozen), micro, lora_rng)
-        share = out["ce"] * out["tokens"] / total_tokens + divergence_scale * out["divergence"] / accum
+        out = controlllm_loss(config, combine(trainable, frozen), micro, lora_rng, distill=distill_weight > 0)
+        shares = _metrics_share(out, totals, accum)
+        share = shares["ce"] + divergence_scale * shares["divergence"]
+        if distill_weight > 0:
+            share = share + distill_weight * shares["distill"]
         return share * poison, out
     return loss
 
 
-def _metrics_share(out: dict, total_tokens, accum: int) -> dict:
-    return {"ce": out["ce"] * out["tokens"] / total_tokens,
-            "divergence": out["divergence"] / accum,
-            "divergence_per_layer": out["divergence_per_layer"] / accum,
-            "merge_weight_per_layer": out["merge_weight_per_layer"] / accum}
+def _metrics_share(out: dict, totals: tuple, accum: int) -> dict:
+    """The micro-batch's share of each step metric. ``totals``: (scored tokens, untargeted positions) of the
+    whole batch: CE and the distillation are means over tokens, the divergence a mean over micro-batches."""
+    total_tokens, total_untargeted = totals
+    share = {"ce": out["ce"] * out["tokens"] / total_tokens,
+             "divergence": out["divergence"] / accum,
+             "divergence_per_layer": out["divergence_per_layer"] / accum,
+             "merge_weight_per_layer": out["merge_weight_per_layer"] / accum}
+    if "distill" in out:
+        share["distill"] = out["distill"] * out["distill_tokens"] / total_untargeted
+    return share
 
 
 def frozen_for_forward(config: ModelConfig, frozen: dict) -> dict:
@@ -115,16 +133,19 @@ def frozen_for_forward(config: ModelConfig, frozen: dict) -> dict:
 
 
 def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: dict, accum: int, poison,
-                   lora_rng=None, divergence_scale=1.0):
+                   lora_rng=None, divergence_scale=1.0, distill_weight: float = 0.0):
     """(metrics, gradients w.r.t. ``trainable``) summed over ``accum`` micro-batches, gradients in fp32.
     ``lora_rng``: the step's LoRA dropout key (None: no dropout), folded with the micro-batch index.
-    ``divergence_scale``: the λ schedule's factor at this step (metrics keep the unscaled divergence)."""
-    total_tokens = jnp.maximum(scored_tokens(batch), 1.0)
+    ``divergence_scale``: the λ schedule's factor at this step (metrics keep the unscaled divergence).
+    ``distill_weight``: ``train.distill_weight`` (> 0 adds the KL from the base on untargeted tokens; metric
+    ``distill``)."""
+    totals = (jnp.maximum(scored_tokens(batch), 1.0),
+              jnp.maximum(untargeted_tokens(batch), 1.0) if distill_weight > 0 else None)
     frozen = frozen_for_forward(config, frozen)
-    grad_fn = jax.grad(_micro_loss(config, total_tokens, accum, poison, divergence_scale), has_aux=True)
+    grad_fn = jax.grad(_micro_loss(config, totals, accum, poison, divergence_scale, distill_weight), has_aux=True)
     if accum == 1:
         grads, out = grad_fn(trainable, frozen, batch, lora_rng)
-        return _metrics_share(out, total_tokens, 1), grads
+        return _metrics_share(out, totals, 1), grads
 
     micro = split_micro_batches(batch, accum)
 
@@ -134,7 +155,7 @@ def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: di
         rng = None if lora_rng is None else jax.random.fold_in(lora_rng, index)
         grads, out = grad_fn(trainable, frozen, micro_batch, rng)
         grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-        metric_sum = jax.tree.map(jnp.add, metric_sum, _metrics_share(out, total_tokens, accum))
+        metric_sum = jax.tree.map(jnp.add, metric_sum, _metrics_share(out, totals, accum))
         return (grad_sum, metric_sum), None
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
@@ -142,6 +163,8 @@ def loss_and_grads(config: ModelConfig, trainable: dict, frozen: dict, batch: di
     metric_zeros = {"ce": jnp.float32(0), "divergence": jnp.float32(0),
                     "divergence_per_layer": jnp.zeros((n,), jnp.float32),
                     "merge_weight_per_layer": jnp.zeros((n,), jnp.float32)}
+    if distill_weight > 0:
+        metric_zeros["distill"] = jnp.float32(0)
     (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro, jnp.arange(accum)))
     return metrics, grads
 
@@ -181,8 +204,10 @@ def train_step_fn(config: ModelConfig, train: TrainConfig, tx: optax.GradientTra
                 poison = jnp.where(state.step + 1 == inject, jnp.float32(jnp.nan), poison)
             scale = divergence_scale(train, state.step)
             metrics, grads = loss_and_grads(config, state.trainable, frozen, batch, accum, poison,
-                                            lora_dropout_rng(config, train, state.step), scale)
-        loss = (metrics["ce"] + scale * metrics["divergence"]) * poison
+                                            lora_dropout_rng(config, train, state.step), scale,
+                                            train.distill_weight)
+        loss = (metrics["ce"] + scale * metrics["divergence"] + train.distill_weight * metrics.get("distill", 0.0))
+        loss = loss * poison
         grad_norm = optax.global_norm(grads)
         # A non-finite loss or gradient leaves weights and optimizer untouched (the loop decides whether
         # to stop or to skip); the batch still counts as consumed. A cond, not a select over the results:
