@@ -9,9 +9,10 @@ bench/default_job.py does (HF export off, one checkpoint at the end, deleted onc
 `--workers` processes at a time. Jobs go seed by seed (every setting's first seed, then every setting's second,
 ...), so a budget cut leaves each setting with the same seeds. No job starts after `--budget-s`; the record is
 rewritten after every finished job, so an interrupted screen keeps what it finished. On a GPU each process takes a
-slice of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) and float32 matmuls run at full precision (no TF32), so the
-numbers are those of the float32 CPU job up to summation order; compiled programs are shared through a persistent
-compilation cache.
+slice of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION), float32 matmuls run at full precision (no TF32), so the
+numbers are those of the float32 CPU job up to summation order, and GEMM autotuning is off (with it, a first try on
+the H200 spent the whole device call compiling); compiled programs are shared through a persistent compilation
+cache.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def environment(workers: int, cache: Path) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.9 / workers, 0.75):.3f}"
+    if accelerator() != "cpu":
+        # Measured on the H200 (session 8): with GEMM autotuning, 12 processes compiling float32 GEMM fusions
+        # took over 2 minutes per fusion and no run finished in 9 minutes. Untuned GEMMs cost nothing here.
+        env["XLA_FLAGS"] = " ".join(filter(None, (env.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0")))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

@@ -121,3 +121,29 @@ def test_a_run_directory_keeps_the_corpus_it_was_trained_on(word_model, tmp_path
         message = str(err.value)
         assert key in message and "another --out" in message and "\n" not in message
         assert {name: open(path).read() for name, path in paths.items()} == files      # nothing rewritten
+
+
+def test_distillation_trains_on_the_alignment_text(word_model, tmp_path):
+    """train.distill_weight end to end: the default job's path (corpus + alignment-only replay text) logs the KL
+    from the base, 0 before the first update (the expanded model is the base) and positive after; the step's loss
+    is CE + divergence + distill."""
+    from test_train_helpers import read_metrics
+
+    from launch.train import main
+
+    *_, base = word_model
+    config = {"base": {"path": str(base)},
+              "expansion": {"expand_type": "concat", "layers": [1], "num_exp_layers": 1, "merge_method": "dlerp"},
+              "knowledge": {"n_new": 3, "attributes": ["city"], "max_frequency": 2, "replay_documents": 4,
+                            "replay_lm_loss": False},
+              "train": {"mode": "controlllm", "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-2,
+                        "min_lr": 1e-3, "warmup_steps": 0, "log_every": 1, "distill_weight": 1.0},
+              "mesh": {"shape": "1"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["--config", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    rows = [r for r in read_metrics(tmp_path / "run") if "distill" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["distill"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["distill"] > 1e-6
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["ce"] + r["divergence"] + r["distill"], rel=1e-5)
