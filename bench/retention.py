@@ -86,11 +86,24 @@ def run_settings(run) -> dict:
     exp = run.expansion
     return {"mode": run.train.mode, "steps": run.train.steps, "lr": run.train.lr, "min_lr": run.train.min_lr,
             "batch_size": run.train.batch_size, "seq_len": run.train.seq_len,
+            "distill_weight": run.train.distill_weight,
             "knowledge": None if run.knowledge is None else to_dict(run.knowledge),
             "trainable_layers": run.train.trainable_layers,
             "expansion": None if exp is None else {k: getattr(exp, k) for k in (
                 "expand_type", "num_exp_layers", "layers", "merge_method", "interpolation_loss_alpha",
                 "interpolation_loss_type")}}
+
+
+def point(name: str, run, report: dict, step: int, described: str, overrides: list) -> dict:
+    """One scored point of the frontier from a before/after report (jax_controlllm.experiment's report.json)."""
+    acq, ret = report["acquisition"], report.get("retention", {})
+    return {"method": name, "step": step, "family": family(run), "overrides": overrides,
+            "settings": run_settings(run), "trainable": described,
+            "acquisition_exact_match": acq["trained"]["exact_match"], "acquisition_hit10": acq["trained"]["hit@10"],
+            "acquisition_mean_rank": acq["trained"]["mean_first_token_rank"],
+            "base_acquisition_exact_match": acq["base"]["exact_match"],
+            "retention": ret.get("retention"), "kept": ret.get("kept"), "lost": ret.get("lost"),
+            "kl_from_base": ret.get("kl_from_base")}
 
 
 def frontier_summary(points: list[dict], min_retention: float = 0.9) -> dict:
@@ -183,6 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="frontier: stop scoring a method once exact match has not risen for this many checkpoints")
     p.add_argument("--score-run", action="append", default=[], metavar="RUN_DIR",
                    help="also score every checkpoint a run directory kept (a run trained by python -m launch.train)")
+    p.add_argument("--report-run", action="append", default=[], metavar="RUN_DIR",
+                   help="also take a run directory's final report.json as a point (a run of python -m launch.train "
+                        "with a report section, e.g. the default job; no checkpoint needed)")
     p.add_argument("--note", help="a sentence recorded with the results (how and where they were run)")
     p.add_argument("--merge", action="append", default=[], metavar="JSON",
                    help="frontier: also take the scored points of an earlier record of this script")
@@ -234,15 +250,8 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(run.report or ReportConfig(), export_hf=False)
         report = evaluate_pair(*base_model, config, params, tokenizer, run_dir, spec, progress=False,
                                base_cache=base_cache)
-        acq, ret = report["acquisition"], report.get("retention", {})
-        row = {"method": name, "step": step, "family": family(run), "overrides": methods[name],
-               "settings": run_settings(run), "trainable": described,
-               "acquisition_exact_match": acq["trained"]["exact_match"], "acquisition_hit10": acq["trained"]["hit@10"],
-               "acquisition_mean_rank": acq["trained"]["mean_first_token_rank"],
-               "base_acquisition_exact_match": acq["base"]["exact_match"],
-               "retention": ret.get("retention"), "kept": ret.get("kept"), "lost": ret.get("lost"),
-               "kl_from_base": ret.get("kl_from_base"), "train_seconds": round(train_s, 1),
-               "eval_seconds": round(time.time() - start, 1)}
+        row = point(name, run, report, step, described, methods[name]) | {
+            "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - start, 1)}
         print(json.dumps(row), flush=True)
         return row
 
@@ -282,6 +291,10 @@ def main(argv=None) -> int:
         for step in sorted(int(d.name) for d in (path / "checkpoints").iterdir() if d.name.isdigit()):
             trajectories.append(score(path.name, run, path, path / "checkpoints" / str(step), f"scored from {path}",
                                       0.0, step))
+    for path in map(Path, args.report_run):                # runs reported elsewhere: their final report as is
+        run = load_config(path / "config.yaml")
+        report = json.loads((path / "report.json").read_text())
+        trajectories.append(point(path.name, run, report, run.train.steps, f"final report of {path}", []))
     result = {"what": "retention experiment: acquisition vs retention per tuning method",
               "command": "python bench/retention.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "config": args.config, "base_config": base_yaml, "shared_overrides": shared + args.extra,

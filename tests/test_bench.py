@@ -163,6 +163,23 @@ def test_retention_frontier_smoke(tmp_path):
     assert result["summary"]["full"]["family"] == "full" and result["summary"]["dlerp"]["family"] == "controlllm"
     assert result["summary"]["controlllm"] is None        # no retention measured, so no point qualifies
     assert png.is_file()
+    # --report-run: a run's own final report.json (python -m launch.train with a report section) as a point
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    run_dir = tmp_path / "reported"
+    trained = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(tmp_path / "base.yaml"), "--out",
+                              str(run_dir), "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = subprocess.run([sys.executable, "bench/retention.py", "--config", str(tmp_path / "frontier.yaml"),
+                          "--frontier", "--methods", "--report-run", str(run_dir), "--record", str(record)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (point,) = json.loads(record.read_text())["points"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (point["method"], point["step"], point["family"]) == ("reported", 4, "controlllm")
+    assert point["acquisition_exact_match"] == report["acquisition"]["trained"]["exact_match"]
+    assert point["acquisition_hit10"] == report["acquisition"]["trained"]["hit@10"]
+    assert point["settings"]["distill_weight"] == 0.0 and point["settings"]["expansion"]["layers"] == [1]
 
 
 # The GPU sweep (bench/gpu_sweep.py) and the release's W1 harness (bench/peer_w1.py): their CPU side.
