@@ -75,6 +75,16 @@ class Sampling:
 GREEDY = Sampling()
 
 
+def sorted_descending(x: jax.Array) -> jax.Array:
+    """``x`` sorted along its last axis, largest first. On the CPU NumPy sorts (the same values; ~8x faster than
+    XLA:CPU's sort on a [64, 49152] batch of logits, 0.07 s vs 0.6 s per decoding step of the default job)."""
+    if jax.default_backend() != "cpu":
+        return jnp.sort(x, axis=-1)[..., ::-1]
+    ascending = jax.pure_callback(lambda a: np.sort(np.asarray(a), axis=-1), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  x, vmap_method="sequential")
+    return ascending[..., ::-1]
+
+
 def sample_next(logits: jax.Array, rng: jax.Array, rule: tuple[float, int, float]) -> jax.Array:
     """Next token ids [B] from float32 logits [B, V] under (temperature, top_k, top_p)."""
     temperature, top_k, top_p = rule
@@ -86,7 +96,7 @@ def sample_next(logits: jax.Array, rng: jax.Array, rule: tuple[float, int, float
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1:
         # keep the smallest set of most likely tokens whose mass reaches top_p (always at least one)
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        ordered = sorted_descending(logits)
         probs = jax.nn.softmax(ordered, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)

@@ -17,6 +17,7 @@ from jax_controlllm.generate import (
     generate_text,
     init_cache,
     sample_next,
+    sorted_descending,
 )
 from jax_controlllm.model import forward
 from jax_controlllm.model.expand import expand
@@ -151,6 +152,30 @@ def test_top_k_and_top_p_limit_the_candidates():
     # low temperature concentrates the mass on the argmax
     cold = np.asarray(sample_next(logits, key, (0.05, 0, 1.0)))
     assert np.mean(cold == 0) > 0.99
+
+
+def test_sorted_descending_is_xla_sort_reversed_under_jit_and_vmap():
+    """The top-p sort (NumPy on the CPU) gives exactly XLA's sorted values, -inf and ties included, so sampled text
+    does not depend on which sort ran."""
+    x = np.array(jax.random.normal(jax.random.PRNGKey(1), (3, 4, 1000)))
+    x[0, 0, :10], x[1, 2, 5:50] = -np.inf, 0.25
+    expected = np.asarray(jnp.sort(jnp.asarray(x), axis=-1))[..., ::-1]
+    np.testing.assert_array_equal(np.asarray(jax.jit(sorted_descending)(x)), expected)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(sorted_descending)(x)), expected)
+    logits = jnp.asarray(x[1])
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        reference = np.asarray(jax.random.categorical(key, _top_p_reference(logits / 0.8, 0.95), axis=-1))
+        np.testing.assert_array_equal(np.asarray(sample_next(logits, key, (0.8, 0, 0.95))), reference)
+
+
+def _top_p_reference(logits, top_p):
+    """Top-p masking with XLA's own sort (what sample_next computed before the sort moved to NumPy on the CPU)."""
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(plain):

@@ -140,6 +140,35 @@ def test_f32_round_trip_is_exact(tmp_path, tie):
     assert config["rope_scaling"] is None
 
 
+def test_a_small_file_is_read_once_until_it_changes(tmp_path, monkeypatch):
+    """The last small GGUF read is kept (the default job reads its base three times): the same results, read-only
+    arrays, no second read; a rewritten file or a file over the size limit is read again."""
+    from jax_controlllm.convert import gguf as module
+
+    reads = []
+    convert = module._convert_weights
+    monkeypatch.setattr(module, "_convert_weights", lambda *a, **k: reads.append(a[2]) or convert(*a, **k))
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama(False))
+    config, tensors = gguf_to_hf(path)
+    config["vocab_size"] = -1                                      # callers' changes do not reach the kept copy
+    again, kept = gguf_to_hf(path)
+    assert len(reads) == 1 and again["vocab_size"] != -1 and sorted(kept) == sorted(tensors)
+    for name, value in kept.items():
+        np.testing.assert_array_equal(value, tensors[name])
+        with pytest.raises(ValueError, match="read-only"):
+            value[...] = 0
+    write_gguf(path, tiny_llama(False, seed=1))                    # rewritten: read again, new weights
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))
+    _, fresh = gguf_to_hf(path)
+    assert len(reads) == 2 and not np.array_equal(fresh["model.embed_tokens.weight"],
+                                                  tensors["model.embed_tokens.weight"])
+    monkeypatch.setattr(module, "KEEP_LAST_READ_BYTES", 0)         # over the limit: never kept
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))
+    gguf_to_hf(path)
+    _, writable = gguf_to_hf(path)
+    assert len(reads) == 4 and writable["model.embed_tokens.weight"].flags.writeable
+
+
 @pytest.mark.parametrize("tie,rope", [(False, False), (True, True)])
 def test_config_from_metadata_alone_equals_the_config_read_with_the_weights(tmp_path, tie, rope):
     """The trainer reads a GGUF base's architecture without dequantising it (the weights are read once)."""

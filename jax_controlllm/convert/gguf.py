@@ -17,6 +17,7 @@ in numpy order a GGUF weight is ``[out, in]``, exactly PyTorch/HF's ``nn.Linear`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -294,13 +295,31 @@ def _check_tensors(config: dict, tensors: dict[str, np.ndarray], path) -> None:
 # Public API: weights
 # --------------------------------------------------------------------------------------------
 
+# The last file read is kept when its float32 tensors take at most this much (the bundled SmolLM2-135M: 0.54 GB):
+# the default job reads it three times in one process (alignment text, trainer, report), 3.7 s each.
+KEEP_LAST_READ_BYTES = 1 << 30
+_last_read: dict = {}
+
+
 def gguf_to_hf(gguf_path: str | os.PathLike, progress: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a llama GGUF: ``(hf_config, {hf_name: float32 array in HF [out, in] layout})``.
 
     Tied embeddings (no ``output.weight``) give ``tie_word_embeddings: true`` and no ``lm_head.weight``.
+    A small file's result is kept for the next read of the same unchanged file; its arrays are then read-only.
     """
+    stat = os.stat(gguf_path) if os.path.isfile(gguf_path) else None     # else _open says what is wrong
+    key = stat and (os.path.realpath(gguf_path), stat.st_mtime_ns, stat.st_size)
+    if key and _last_read.get("key") == key:
+        config, tensors = _last_read["value"]
+        return copy.deepcopy(config), dict(tensors)
     reader = _open(gguf_path)
-    return _convert_weights(reader, _metadata(reader), gguf_path, progress)
+    config, tensors = _convert_weights(reader, _metadata(reader), gguf_path, progress)
+    _last_read.clear()
+    if sum(t.nbytes for t in tensors.values()) <= KEEP_LAST_READ_BYTES:
+        for t in tensors.values():
+            t.flags.writeable = False
+        _last_read.update(key=key, value=(copy.deepcopy(config), tensors))
+    return config, dict(tensors)
 
 
 def _convert_weights(reader, meta: dict, path, progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
