@@ -324,3 +324,21 @@ def test_sweep_driver_leaves_the_gpu_to_its_children():
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_default_job_screen_orders_jobs_seed_by_seed_and_summarises(tmp_path):
+    """bench/default_job_screen.py: every setting's first seed before any second (a budget cut leaves each setting
+    the same seeds), the per-setting summary, and a malformed grid refused in one line."""
+    screen = bench_module("default_job_screen")
+    assert screen.jobs({"a": [], "b": ["train.lr=1e-4"]}, [1, 2]) == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    rows = [{"setting": "a", "knowledge_seed": s, "exact_match": e, "retention": r, "kl_from_base": 0.1,
+             "meets_target": e >= 0.6 and r >= 0.9} for s, e, r in ((1, 0.8, 0.95), (2, 0.9, 0.86))]
+    summary = screen.table(rows)["a"]
+    assert summary["seeds"] == [1, 2] and summary["min_retention"] == 0.86 and summary["min_exact_match"] == 0.8
+    assert summary["all_meet_target"] is False
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("control: train.lr=1e-4\n")
+    with pytest.raises(SystemExit, match="expected a mapping from setting name to a list"):
+        screen.load_grid(bad)
+    cmd = screen.command(tmp_path / "run", 3, ["train.lr=1e-4"])
+    assert cmd[-2:] == ["--set", "train.lr=1e-4"] and "knowledge.seed=3" in cmd and "train.save_every=0" in cmd
