@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_controlllm.config import ModelConfig
-from jax_controlllm.model.stack import final_hidden, head_kernel, logits_from_hidden
+from jax_controlllm.model.stack import final_hidden, head_kernel
 
 IGNORE = -100
 
@@ -80,16 +80,35 @@ def _fused_head_nll_fwd(h, kernel, targets, valid):
     return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
 
 
-def _fused_head_nll_bwd(res, g):
+def _scaled_head_grads(res, g):
+    """(d/dh, d/dW or None) of a fused head loss for the cotangent ``g`` of its sum."""
     dh, dk, kernel_dtype = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         g = jnp.float32(0)
     dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
-    dkernel = None if dk is None else (dk * g).astype(kernel_dtype.dtype)
+    return dh, None if dk is None else (dk * g).astype(kernel_dtype.dtype)
+
+
+def _fused_head_nll_bwd(res, g):
+    dh, dkernel = _scaled_head_grads(res, g)
     return dh, dkernel, None, None
 
 
 fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
+
+
+def _in_chunks(config: ModelConfig, *xs):
+    """Each [B, S, ...] array as [n, B, c, ...]: ``config.loss_chunk`` positions per chunk (0: one chunk), the
+    sequence zero-padded to a whole number of chunks (padded positions carry a zero mask)."""
+    b, s = xs[0].shape[:2]
+    chunk = config.loss_chunk if config.loss_chunk and config.loss_chunk < s else s
+    pad, n = -s % chunk, -(-s // chunk)
+
+    def split(x):
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    return [split(x) for x in xs]
 
 
 def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, segment_ids=None):
@@ -97,21 +116,9 @@ def cross_entropy_sum(config: ModelConfig, params: dict, h: jax.Array, labels, s
     ``config.loss_chunk`` positions (0: one chunk) with a fused backward (``fused_head_nll``), so
     full-vocabulary logits of more than one chunk never sit in memory."""
     targets, valid = next_token_targets(labels, segment_ids)
-    h = h[:, :-1]
     kernel = head_kernel(config, params).astype(h.dtype)
-    s = h.shape[1]
-    chunk = config.loss_chunk if config.loss_chunk and config.loss_chunk < s else s
-    pad = -s % chunk
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        valid = jnp.pad(valid, ((0, 0), (0, pad)))
-    b, n = h.shape[0], h.shape[1] // chunk
-
-    def split(x):
-        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-
-    total = fused_head_nll(split(h), kernel, split(targets), split(valid))
+    h_chunks, target_chunks, valid_chunks = _in_chunks(config, h[:, :-1], targets, valid)
+    total = fused_head_nll(h_chunks, kernel, target_chunks, valid_chunks)
     return total, jnp.sum(valid)
 
 
@@ -124,16 +131,69 @@ def untargeted_positions(labels, token_mask, segment_ids=None) -> jax.Array:
     return (real & (labels[:, 1:] == IGNORE)).astype(jnp.float32)
 
 
+def _chunk_kl(h_chunk, base_chunk, kernel, where):
+    """(the chunk's sum over ``where`` of KL(base || model), the model's log-probabilities, the base's
+    probabilities), both distributions from the one LM head in float32."""
+    def log_probs(x):
+        return jax.nn.log_softmax(jnp.einsum("bsh,hv->bsv", x, kernel, preferred_element_type=jnp.float32), axis=-1)
+
+    model, base = log_probs(h_chunk), log_probs(base_chunk)
+    p = jnp.exp(base)
+    return jnp.sum(jnp.sum(p * (base - model), axis=-1) * where), model, p
+
+
+def _kl_only(h, base_h, kernel, where):
+    def body(total, xs):
+        return total + _chunk_kl(xs[0], xs[1], kernel, xs[2])[0], None
+    return jax.lax.scan(body, jnp.float32(0), (h, base_h, where))[0]
+
+
+@jax.custom_vjp
+def fused_head_kl(h, base_h, kernel, where):
+    """Sum over chunks ``h [n, B, c, H]`` of KL(base || model) at the positions ``where``, the base's
+    distribution read from ``base_h`` (held fixed: no gradient flows to it) through the same head. Fused like
+    ``fused_head_nll``: d/dlogits = (softmax(model) - p_base) * where is formed per chunk in the forward pass,
+    so no [B, c, V] array outlives its chunk; d/dW only when the head is differentiated."""
+    return _kl_only(h, base_h, kernel, where)
+
+
+def _fused_head_kl_fwd(h, base_h, kernel, where):
+    kernel_grad = kernel.perturbed      # symbolic_zeros=True, as in fused_head_nll
+    h, base_h, kernel, where = h.value, base_h.value, kernel.value, where.value
+
+    def body(carry, xs):
+        total, dk = carry
+        h_chunk, base_chunk, w = xs
+        kl, model, p = _chunk_kl(h_chunk, base_chunk, kernel, w)
+        dlogits = ((jnp.exp(model) - p) * w[..., None]).astype(h_chunk.dtype)
+        dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
+        if kernel_grad:
+            dk = dk + jnp.einsum("bsh,bsv->hv", h_chunk, dlogits, preferred_element_type=jnp.float32)
+        return (total + kl, dk), dh
+
+    dk0 = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
+    (total, dk), dh = jax.lax.scan(body, (jnp.float32(0), dk0), (h, base_h, where))
+    return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
+
+
+def _fused_head_kl_bwd(res, g):
+    dh, dkernel = _scaled_head_grads(res, g)
+    return dh, None, dkernel, None
+
+
+fused_head_kl.defvjp(_fused_head_kl_fwd, _fused_head_kl_bwd, symbolic_zeros=True)
+
+
 def distillation_sum(config: ModelConfig, params: dict, h: jax.Array, batch: dict, where: jax.Array):
     """(sum over positions ``where`` of KL(base || model) of the next-token distributions, number of positions).
     The base is the frozen pretrained model inside the expanded one (every controlled layer's pretrained branch
-    alone), run here without gradient; ``h``: the trained model's final hidden state of the same batch."""
+    alone), run here without gradient; ``h``: the trained model's final hidden state of the same batch. The head
+    runs in ``config.loss_chunk`` chunks with a fused backward (``fused_head_kl``)."""
     base_h = final_hidden(config, params, batch["input_ids"], batch.get("attention_mask"), batch.get("positions"),
                           batch.get("segment_ids"), pretrained_only=True)
-    base = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(config, params, base_h[:, :-1])), axis=-1)
-    model = jax.nn.log_softmax(logits_from_hidden(config, params, h[:, :-1]), axis=-1)
-    kl = jnp.sum(jnp.exp(base) * (base - model), axis=-1)
-    return jnp.sum(kl * where), jnp.sum(where)
+    kernel = head_kernel(config, params).astype(h.dtype)
+    chunks = _in_chunks(config, h[:, :-1], jax.lax.stop_gradient(base_h[:, :-1]).astype(h.dtype), where)
+    return fused_head_kl(chunks[0], chunks[1], kernel, chunks[2]), jnp.sum(where)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("distill",))

@@ -1,6 +1,8 @@
 """Distillation from the frozen base on untargeted tokens (``train.distill_weight``): the base forward read from an
 expanded model's pretrained branches, the KL term against an independent float64 computation, its gradient
 against finite differences, and its place in the training step."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,11 +114,14 @@ def test_distill_and_its_gradient_are_zero_at_initialisation():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
 
 
-def test_distill_gradient_matches_an_independent_computation():
+@pytest.mark.parametrize("loss_chunk", [0, 4, 11])
+def test_distill_gradient_matches_an_independent_computation(loss_chunk):
     """jax.grad of the loss's distill term against jax.grad of KL written out from the two models' logits (the base
-    as a plain model, the trained one through ``forward``). (Central differences in float32 are too noisy here:
-    the KL is near its minimum, its directional derivatives ~1e-4.)"""
+    as a plain model, the trained one through ``forward``), the head in one chunk, in chunks that need padding
+    (11 positions in chunks of 4) and in exact chunks. (Central differences in float32 are too noisy here: the KL
+    is near its minimum, its directional derivatives ~1e-4.)"""
     config, params, config2, params2 = _expanded("dlerp", noise=0.1)
+    config2 = dataclasses.replace(config2, loss_chunk=loss_chunk)
     trainable, frozen = partition(params2, trainable_mask(config2))
     batch = _batch()
     base = jax.nn.log_softmax(forward(config, params, batch["input_ids"], segment_ids=batch["segment_ids"]))
@@ -133,6 +138,37 @@ def test_distill_gradient_matches_an_independent_computation():
         return jnp.sum(kl * where) / where.sum()
 
     grads, expected = jax.grad(kd)(trainable), jax.grad(independent)(trainable)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_distill_gradient_reaches_a_differentiated_head(tied):
+    """The fused head's d/dW when the LM head itself is differentiated (the distill term as a function of every
+    parameter, the base's side held fixed), against jax.grad of the KL written out from the logits."""
+    config = _tiny(tie_word_embeddings=tied, loss_chunk=5)
+    params = init_params(config, jax.random.key(0))
+    config2, params2 = expand(config, params, ExpansionConfig("concat", 2, merge_method="dlerp", layers=[1, 3]),
+                              jax.random.key(1))
+    rng = np.random.default_rng(2)
+    params2 = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype), params2)
+    batch = _batch()
+    where = jnp.asarray(untargeted_positions(batch["labels"], batch["segment_ids"] > 0, batch["segment_ids"]))
+    head = "embed_tokens" if tied else "lm_head"
+    base_h = jax.lax.stop_gradient(final_hidden(config2, params2, batch["input_ids"],
+                                                segment_ids=batch["segment_ids"], pretrained_only=True))
+
+    def kd(p):
+        return controlllm_loss(config2, p, batch, distill=True)["distill"]
+
+    def independent(p):
+        base = jax.nn.log_softmax(jax.lax.stop_gradient(logits_from_hidden(config2, p, base_h)))[:, :-1]
+        h = final_hidden(config2, p, batch["input_ids"], segment_ids=batch["segment_ids"])
+        logp = jax.nn.log_softmax(logits_from_hidden(config2, p, h))[:, :-1]
+        return jnp.sum(jnp.sum(jnp.exp(base) * (base - logp), axis=-1) * where) / where.sum()
+
+    grads, expected = jax.grad(kd)(params2), jax.grad(independent)(params2)
+    assert float(jnp.abs(grads[head][next(iter(grads[head]))]).max()) > 1e-5
     for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-7)
 
