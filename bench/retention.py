@@ -135,14 +135,16 @@ def plot_frontier(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for method in dict.fromkeys(p["method"] for p in points):
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colors = plt.get_cmap("tab20").colors      # 20 distinct colours: the default cycle repeats after 10 methods
+    for i, method in enumerate(methods):
         mine = sorted((p for p in points if p["method"] == method and p["retention"] is not None),
                       key=lambda p: p["step"])
         if not mine:
             continue
         style = "-o" if mine[0]["family"] == "controlllm" else "--s"
         ax.plot([p["acquisition_exact_match"] for p in mine], [p["retention"] for p in mine], style, ms=4,
-                label=method)
+                label=method, color=colors[i % len(colors)])
     ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("acquisition: exact match on held-out queries about the new entities")
     ax.set_ylabel("retention: base-correct probes still correct")
