@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import jax
-
 import jax_controlllm.convert.gguf as gguf
 from jax_controlllm.config import ModelConfig, RunConfig
 from jax_controlllm.convert.auto import detect_format
+from jax_controlllm.files import copy_file_atomic, write_text_atomic
 
 # the files of a Hugging Face tokenizer that an export copies
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -104,7 +102,7 @@ def run_tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
     if kind in ("gguf", SMOLLM2) and run_dir is not None:
         out_dir = Path(run_dir) / "tokenizer"
         if not (out_dir / "tokenizer.json").is_file():     # every process may get here: each writes aside
-            write_tokenizer(path if kind == "gguf" else SMOLLM2, out_dir, suffix=f".{jax.process_index()}")
+            write_tokenizer(path if kind == "gguf" else SMOLLM2, out_dir)
         return out_dir
     return None
 
@@ -113,33 +111,29 @@ def run_tokenizer_source(run: RunConfig, run_dir: Optional[Path]):
 # Tokenizer files
 # ----------------------------------------------------------------------------------------------
 
-def write_tokenizer(source, out_dir: Path, suffix: str = "") -> list[str]:
+def write_tokenizer(source, out_dir: Path) -> list[str]:
     """Write the tokenizer files of ``source`` (a directory, a .gguf file or 'smollm2') into ``out_dir``;
-    each file is written aside and renamed, so concurrent writers (one per process) never leave half a file.
-    ``tokenizer_config.json`` always names the model's inputs (``model_input_names``) and a class both
-    transformers 4.49 and 5 know, so that ``model.generate(**tokenizer(text, return_tensors="pt"))`` works in
-    both (``make_portable``).
+    each file is written whole or not at all (``jax_controlllm.files``), so concurrent writers (one per process)
+    never leave half a file. ``tokenizer_config.json`` always names the model's inputs (``model_input_names``)
+    and a class both transformers 4.49 and 5 know, so that ``model.generate(**tokenizer(text,
+    return_tensors="pt"))`` works in both (``make_portable``).
     Returns the names written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     if is_gguf_source(source):
         path = gguf_file(source)
         if not path.is_file():
             raise TokenizerError(f"tokenizer source {path} does not exist")
-        for name, text in gguf.gguf_tokenizer_files(path).items():
-            tmp = out_dir / f".{name}{suffix}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(out_dir / name)
-            written.append(name)
-        return sorted(written)
+        files = gguf.gguf_tokenizer_files(path)
+        for name, text in files.items():
+            write_text_atomic(out_dir / name, text)
+        return sorted(files)
+    written = []
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
-            tmp = out_dir / f".{name}{suffix}.tmp"
-            shutil.copyfile(Path(source) / name, tmp)
-            if name == "tokenizer_config.json":
-                make_portable(tmp, fast=(Path(source) / "tokenizer.json").is_file())
-            tmp.replace(out_dir / name)
+            fast = (Path(source) / "tokenizer.json").is_file()
+            edit = (lambda tmp: make_portable(tmp, fast=fast)) if name == "tokenizer_config.json" else None
+            copy_file_atomic(Path(source) / name, out_dir / name, edit)
             written.append(name)
     return written
 
