@@ -17,6 +17,7 @@ cache.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import yaml
 from default_job import ROOT, summarise  # bench/default_job.py, beside this script
+
+from jax_controlllm.files import write_text_atomic
 
 
 def jobs(grid: dict[str, list[str]], seeds: list[int]) -> list[tuple[str, int]]:
@@ -128,9 +131,10 @@ def main(argv=None) -> int:
     return 0
 
 
+@functools.cache
 def accelerator() -> str:
-    """The GPU as the driver names it, else "cpu" (read without importing jax: this driver must not take the
-    GPU's memory from its workers)."""
+    """The GPU as the driver names it, else "cpu" (read once, without importing jax: this driver must not take
+    the GPU's memory from its workers)."""
     try:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -146,9 +150,7 @@ def record(args, grid, rows, failed, start) -> None:
             "versions": {"jax": version("jax"), "jaxlib": version("jaxlib"), "python": platform.python_version()},
             "wall_seconds": round(time.time() - start, 1), "summary": table(rows) if rows else {},
             "failed": failed, "runs": rows}
-    tmp = args.record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(args.record)
+    write_text_atomic(args.record, json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
