@@ -28,73 +28,81 @@ def next_token_targets(labels: jax.Array, segment_ids=None):
     return jnp.where(valid, targets, 0), valid.astype(jnp.float32)
 
 
-def _chunk_logits_nll(h_chunk, kernel, targets, valid):
-    """(float32 logits, their logsumexp, the chunk's NLL sum over valid targets)."""
-    logits = jnp.einsum("bsh,hv->bsv", h_chunk, kernel, preferred_element_type=jnp.float32)
+def _head_logits(x, kernel):
+    return jnp.einsum("bsh,hv->bsv", x, kernel, preferred_element_type=jnp.float32)
+
+
+def _chunk_nll(kernel, h_chunk, targets, valid):
+    """(the chunk's NLL sum over valid targets, a function giving d/dlogits of that sum: (softmax - onehot) *
+    valid)."""
+    logits = _head_logits(h_chunk, kernel)
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = jnp.sum((lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]) * valid)
-    return logits, lse, nll
+
+    def dlogits():
+        onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+        return (jnp.exp(logits - lse[..., None]) - onehot) * valid[..., None]
+    return nll, dlogits
 
 
-def _chunk_nll_and_grads(h_chunk, kernel, targets, valid, kernel_grad: bool):
-    """One chunk's NLL sum and its gradients for a unit cotangent: d/dlogits = (softmax - onehot) * valid,
-    rounded once to the compute dtype (as mixed-precision autocast does: a float32 cotangent would promote the
-    128k-vocabulary matmuls to float32, TF32 on GPUs), then d/dh = dlogits @ W^T and (when the head trains)
-    d/dW = h^T dlogits."""
-    logits, lse, nll = _chunk_logits_nll(h_chunk, kernel, targets, valid)
-    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * valid[..., None]).astype(h_chunk.dtype)
-    dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
-    dk = jnp.einsum("bsh,bsv->hv", h_chunk, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None
-    return nll, dh, dk
+def _chunk_kl(kernel, h_chunk, base_chunk, where):
+    """(the chunk's sum over ``where`` of KL(base || model), both distributions from the one head in float32, the
+    base's read from ``base_chunk`` and held fixed; a function giving d/dlogits of that sum: (softmax(model) -
+    p_base) * where)."""
+    model = jax.nn.log_softmax(_head_logits(h_chunk, kernel), axis=-1)
+    base = jax.nn.log_softmax(_head_logits(base_chunk, kernel), axis=-1)
+    p = jnp.exp(base)
+    kl = jnp.sum(jnp.sum(p * (base - model), axis=-1) * where)
+    return kl, lambda: (jnp.exp(model) - p) * where[..., None]
 
 
-def _nll_only(h, kernel, targets, valid):
-    def body(total, xs):
-        return total + _chunk_logits_nll(xs[0], kernel, xs[1], xs[2])[2], None
-    return jax.lax.scan(body, jnp.float32(0), (h, targets, valid))[0]
+def _fused_head_loss(chunk_loss):
+    """``f(h, kernel, a, b)``: the sum over chunks (``h [n, B, c, H]``, ``a`` and ``b`` [n, B, c, ...]) of
+    ``chunk_loss(kernel, h_chunk, a_chunk, b_chunk)``, with a fused backward: under differentiation the forward
+    pass computes each chunk's logits once and turns them straight into d/dh (and d/dW only when the head itself
+    is differentiated, e.g. full tuning), so the backward pass neither keeps nor recomputes any [B, c, V] logits:
+    one 128k-vocabulary matmul per chunk fewer than remat. d/dlogits is rounded once to the compute dtype (as
+    mixed-precision autocast does: a float32 cotangent would promote the 128k-vocabulary matmuls to float32, TF32
+    on GPUs). ``a`` and ``b`` get no gradient. Without differentiation (evaluation) only the plain forward runs."""
+    def loss_only(h, kernel, a, b):
+        def body(total, xs):
+            return total + chunk_loss(kernel, *xs)[0], None
+        return jax.lax.scan(body, jnp.float32(0), (h, a, b))[0]
+
+    def forward_with_grads(h, kernel, a, b):
+        # symbolic_zeros=True: each argument says whether it is being differentiated (``perturbed``)
+        kernel_grad = kernel.perturbed
+        h, kernel, a, b = h.value, kernel.value, a.value, b.value
+
+        def body(carry, xs):
+            total, dk = carry
+            loss, dlogits_of = chunk_loss(kernel, *xs)
+            h_chunk = xs[0]
+            dlogits = dlogits_of().astype(h_chunk.dtype)
+            dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
+            if kernel_grad:
+                dk = dk + jnp.einsum("bsh,bsv->hv", h_chunk, dlogits, preferred_element_type=jnp.float32)
+            return (total + loss, dk), dh
+
+        dk0 = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
+        (total, dk), dh = jax.lax.scan(body, (jnp.float32(0), dk0), (h, a, b))
+        return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
+
+    def backward(res, g):
+        dh, dk, kernel_dtype = res
+        if isinstance(g, jax.custom_derivatives.SymbolicZero):
+            g = jnp.float32(0)
+        dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
+        return dh, None if dk is None else (dk * g).astype(kernel_dtype.dtype), None, None
+
+    fused = jax.custom_vjp(loss_only)
+    fused.defvjp(forward_with_grads, backward, symbolic_zeros=True)
+    return fused
 
 
-@jax.custom_vjp
-def fused_head_nll(h, kernel, targets, valid):
-    """Sum of NLLs over chunks ``h [n, B, c, H]`` with a fused backward: under differentiation the forward pass
-    computes each chunk's logits once and turns them straight into d/dh (and d/dW only when the head itself is
-    differentiated, e.g. full tuning), so the backward pass neither keeps nor recomputes any [B, c, V] logits:
-    one 128k-vocabulary matmul per chunk fewer than remat, and no float32 cotangent matmuls. Without
-    differentiation (evaluation) only the plain forward runs."""
-    return _nll_only(h, kernel, targets, valid)
-
-
-def _fused_head_nll_fwd(h, kernel, targets, valid):
-    # symbolic_zeros=True: each argument says whether it is being differentiated (``perturbed``)
-    kernel_grad = kernel.perturbed
-    h, kernel, targets, valid = h.value, kernel.value, targets.value, valid.value
-
-    def body(carry, xs):
-        total, dk = carry
-        nll, dh, dk_chunk = _chunk_nll_and_grads(xs[0], kernel, xs[1], xs[2], kernel_grad)
-        return (total + nll, dk + dk_chunk if kernel_grad else dk), dh
-
-    dk0 = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
-    (total, dk), dh = jax.lax.scan(body, (jnp.float32(0), dk0), (h, targets, valid))
-    return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
-
-
-def _scaled_head_grads(res, g):
-    """(d/dh, d/dW or None) of a fused head loss for the cotangent ``g`` of its sum."""
-    dh, dk, kernel_dtype = res
-    if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        g = jnp.float32(0)
-    dh = (dh.astype(jnp.float32) * g).astype(dh.dtype)
-    return dh, None if dk is None else (dk * g).astype(kernel_dtype.dtype)
-
-
-def _fused_head_nll_bwd(res, g):
-    dh, dkernel = _scaled_head_grads(res, g)
-    return dh, dkernel, None, None
-
-
-fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd, symbolic_zeros=True)
+# fused_head_nll(h, kernel, targets, valid): the NLL sum; fused_head_kl(h, kernel, base_h, where): the KL sum.
+fused_head_nll = _fused_head_loss(_chunk_nll)
+fused_head_kl = _fused_head_loss(_chunk_kl)
 
 
 def _in_chunks(config: ModelConfig, *xs):
@@ -131,59 +139,6 @@ def untargeted_positions(labels, token_mask, segment_ids=None) -> jax.Array:
     return (real & (labels[:, 1:] == IGNORE)).astype(jnp.float32)
 
 
-def _chunk_kl(h_chunk, base_chunk, kernel, where):
-    """(the chunk's sum over ``where`` of KL(base || model), the model's log-probabilities, the base's
-    probabilities), both distributions from the one LM head in float32."""
-    def log_probs(x):
-        return jax.nn.log_softmax(jnp.einsum("bsh,hv->bsv", x, kernel, preferred_element_type=jnp.float32), axis=-1)
-
-    model, base = log_probs(h_chunk), log_probs(base_chunk)
-    p = jnp.exp(base)
-    return jnp.sum(jnp.sum(p * (base - model), axis=-1) * where), model, p
-
-
-def _kl_only(h, base_h, kernel, where):
-    def body(total, xs):
-        return total + _chunk_kl(xs[0], xs[1], kernel, xs[2])[0], None
-    return jax.lax.scan(body, jnp.float32(0), (h, base_h, where))[0]
-
-
-@jax.custom_vjp
-def fused_head_kl(h, base_h, kernel, where):
-    """Sum over chunks ``h [n, B, c, H]`` of KL(base || model) at the positions ``where``, the base's
-    distribution read from ``base_h`` (held fixed: no gradient flows to it) through the same head. Fused like
-    ``fused_head_nll``: d/dlogits = (softmax(model) - p_base) * where is formed per chunk in the forward pass,
-    so no [B, c, V] array outlives its chunk; d/dW only when the head is differentiated."""
-    return _kl_only(h, base_h, kernel, where)
-
-
-def _fused_head_kl_fwd(h, base_h, kernel, where):
-    kernel_grad = kernel.perturbed      # symbolic_zeros=True, as in fused_head_nll
-    h, base_h, kernel, where = h.value, base_h.value, kernel.value, where.value
-
-    def body(carry, xs):
-        total, dk = carry
-        h_chunk, base_chunk, w = xs
-        kl, model, p = _chunk_kl(h_chunk, base_chunk, kernel, w)
-        dlogits = ((jnp.exp(model) - p) * w[..., None]).astype(h_chunk.dtype)
-        dh = jnp.einsum("bsv,hv->bsh", dlogits, kernel, preferred_element_type=jnp.float32).astype(h_chunk.dtype)
-        if kernel_grad:
-            dk = dk + jnp.einsum("bsh,bsv->hv", h_chunk, dlogits, preferred_element_type=jnp.float32)
-        return (total + kl, dk), dh
-
-    dk0 = jnp.zeros(kernel.shape if kernel_grad else (), jnp.float32)
-    (total, dk), dh = jax.lax.scan(body, (jnp.float32(0), dk0), (h, base_h, where))
-    return total, (dh, dk if kernel_grad else None, jnp.zeros((), kernel.dtype))
-
-
-def _fused_head_kl_bwd(res, g):
-    dh, dkernel = _scaled_head_grads(res, g)
-    return dh, None, dkernel, None
-
-
-fused_head_kl.defvjp(_fused_head_kl_fwd, _fused_head_kl_bwd, symbolic_zeros=True)
-
-
 def distillation_sum(config: ModelConfig, params: dict, h: jax.Array, batch: dict, where: jax.Array):
     """(sum over positions ``where`` of KL(base || model) of the next-token distributions, number of positions).
     The base is the frozen pretrained model inside the expanded one (every controlled layer's pretrained branch
@@ -193,7 +148,7 @@ def distillation_sum(config: ModelConfig, params: dict, h: jax.Array, batch: dic
                           batch.get("segment_ids"), pretrained_only=True)
     kernel = head_kernel(config, params).astype(h.dtype)
     chunks = _in_chunks(config, h[:, :-1], jax.lax.stop_gradient(base_h[:, :-1]).astype(h.dtype), where)
-    return fused_head_kl(chunks[0], chunks[1], kernel, chunks[2]), jnp.sum(where)
+    return fused_head_kl(chunks[0], kernel, chunks[1], chunks[2]), jnp.sum(where)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("distill",))
