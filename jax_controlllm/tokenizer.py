@@ -128,13 +128,12 @@ def write_tokenizer(source, out_dir: Path) -> list[str]:
         for name, text in files.items():
             write_text_atomic(out_dir / name, text)
         return sorted(files)
-    written = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            fast = (Path(source) / "tokenizer.json").is_file()
-            edit = (lambda tmp: make_portable(tmp, fast=fast)) if name == "tokenizer_config.json" else None
-            copy_file_atomic(Path(source) / name, out_dir / name, edit)
-            written.append(name)
+    source = Path(source)
+    fast = (source / "tokenizer.json").is_file()
+    written = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in written:
+        edit = (lambda tmp: make_portable(tmp, fast=fast)) if name == "tokenizer_config.json" else None
+        copy_file_atomic(source / name, out_dir / name, edit)
     return written
 
 
